@@ -1,0 +1,13 @@
+"""pymerge: a model-merging engine (mergekit-compatible configs, native kernels, bounded memory).
+
+``pymerge.merge(config, out_dir)`` merges checkpoints on disk; ``pymerge.ops`` merges tensors in memory.
+The package works without its compiled extension (``pymerge._C``); native backends then say why at call time.
+"""
+
+__version__ = "0.1.0"
+
+from .api import MergeReport, merge  # noqa: E402
+from .errors import BackendUnavailable, CheckpointError, ConfigError, MergeError, PymergeError  # noqa: E402
+
+__all__ = ["merge", "MergeReport", "PymergeError", "CheckpointError", "ConfigError", "MergeError",
+           "BackendUnavailable", "__version__"]

@@ -1,0 +1,156 @@
+"""The ``pymerge`` command: run, demo, inspect, env. Parses, prints, exits; the work is in the library.
+
+Errors from bad input print one line ``error: ...`` and exit 1 (2 for usage errors), with the traceback only
+under ``-v``; a failed run leaves no output directory behind (the library writes into a temporary one).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import PymergeError
+
+log = logging.getLogger("pymerge")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+
+
+def _friendly_errors(fn):
+    """Turn library errors (and OS errors on user paths) into ``error: ...`` and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        verbose = ctx.find_root().params.get("verbose", 0) or kwargs.get("verbose", 0)
+        try:
+            return fn(*args, **kwargs)
+        except (PymergeError, OSError) as e:
+            if verbose:
+                raise
+            msg = str(e) if isinstance(e, PymergeError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pymerge", message="pymerge %(version)s")
+def main() -> None:
+    """pymerge: merge fine-tuned checkpoints (mergekit-compatible configs) at the speed of the disk."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "cpu", "cuda", "triton"]), default="auto",
+              show_default=True, help="Kernel backend; PYMERGE_BACKEND overrides auto.")
+@click.option("--max-memory", default=None, help="Host working-memory budget, e.g. 8GB (default: half the available RAM).")
+@click.option("--max-gpu-memory", default=None, help="GPU memory budget, e.g. 20GB.")
+@click.option("--out-shard-size", default="5GB", show_default=True, help="Maximum bytes of tensor data per output file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random masks (DARE, DELLA).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option("--allow-pickle", is_flag=True, help="Read pytorch_model.bin inputs (torch.load weights_only=True).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--verbose", "-v", count=True, help="Log more (-vv: debug); show tracebacks.")
+@_friendly_errors
+def run(config, out_dir, device, backend, max_memory, max_gpu_memory, out_shard_size, seed, overwrite, allow_pickle,
+        quiet, verbose):
+    """Merge the models CONFIG (a mergekit YAML) names into OUT_DIR."""
+    from .api import merge
+
+    _setup_logging(verbose, quiet)
+    if not config.is_file():
+        raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
+    report = merge(config, out_dir, device=device, backend=backend, max_memory=max_memory,
+                   max_gpu_memory=max_gpu_memory, out_shard_size=out_shard_size, seed=seed, quiet=quiet,
+                   overwrite=overwrite, allow_pickle=allow_pickle)
+    click.echo(f"wrote {report.out_dir}: {report.tensors} tensors in {report.shards} shard(s), "
+               f"{report.bytes_written / 1e9:.3f} GB, {report.seconds:.2f} s "
+               f"({report.gb_per_s:.2f} GB/s read, backend {report.backend})")
+
+
+@main.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the generated checkpoints live (default ~/.cache/pymerge/demo).")
+@click.option("--preset", type=click.Choice(["tiny", "demo", "1b"]), default="demo", show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write the merged model (default: <cache-dir>/merged, replaced each run).")
+@click.option("--max-memory", default=None, help="Host working-memory budget.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+@_friendly_errors
+def demo(cache_dir, preset, out_dir, max_memory, quiet, verbose):
+    """Generate a Llama-shaped base + 3 experts, TIES-merge them, verify, and report the speed."""
+    from .demo import run_demo
+
+    _setup_logging(verbose, quiet)
+    run_demo(cache_dir=cache_dir, preset=preset, out_dir=out_dir, max_memory=max_memory, quiet=quiet,
+             echo=click.echo)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--verbose", "-v", count=True)
+@_friendly_errors
+def inspect(path, allow_pickle, as_json, verbose):
+    """List the tensors of a checkpoint (file or directory) after validating its headers."""
+    from .io.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(path, allow_pickle=allow_pickle)
+    try:
+        rows = [ck.info(n) for n in ck.names()]
+        if as_json:
+            click.echo(json.dumps({"path": str(ck.path), "files": [str(f) for f in ck.files()],
+                                   "tensors": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in rows]},
+                                  indent=2))
+            return
+        total = sum(i.nbytes for i in rows)
+        params = sum(i.numel for i in rows)
+        width = max((len(i.name) for i in rows), default=4)
+        for i in rows:
+            click.echo(f"{i.name:<{width}}  {i.dtype:<5}  {list(i.shape)}")
+        click.echo(f"{len(rows)} tensors, {params:,} parameters, {total / 1e9:.3f} GB in {len(ck.files())} file(s)")
+    finally:
+        ck.close()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def env(as_json):
+    """Versions, backends available (and why not), CUDA kernels compiled or not."""
+    from .environment import environment_report
+
+    info = environment_report()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,163 @@
+"""Runs a plan: chunks, passes, the host-memory budget, progress, and the offset writer.
+
+The executor never knows a method's math. Per output tensor it picks the largest row chunk whose working set
+fits the budget, drives the method's passes over those chunks (see methods/base.py), casts each output chunk
+once (round-to-nearest-even) and writes it at its offset in the pre-laid-out shard. A tensor that fits is
+read once into a resident fp32 stack and every pass runs on it; one that does not is re-read from the
+memory map for each pass, chunk by chunk, so memory stays bounded whatever the tensor size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import MergeError
+from .io.safetensors_writer import ShardedWriter
+from .methods import Chunk, TensorJob
+from .plan import Plan, PlannedTensor
+
+log = logging.getLogger("pymerge")
+
+FP32 = 4
+
+
+@dataclass
+class ExecStats:
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    chunked_tensors: int = 0  # tensors that did not fit the budget and were streamed in chunks
+
+
+def bytes_per_row(job: TensorJob, scratch_factor: float, out_itemsize: int) -> int:
+    """Working-set bytes of one row: the fp32 input stack, the method's scratch, the output row."""
+    n_in = len(job.inputs)
+    return int(job.row_numel * (n_in * FP32 * (1 + scratch_factor) + FP32 + out_itemsize))
+
+
+def chunk_rows(job: TensorJob, scratch_factor: float, out_itemsize: int, budget: int) -> int:
+    """Rows per chunk so that one chunk's working set stays within ``budget`` bytes."""
+    per_row = bytes_per_row(job, scratch_factor, out_itemsize)
+    rows = budget // max(per_row, 1)
+    if rows < 1:
+        raise MergeError(f"tensor '{job.name}': one row needs {per_row / 2**20:.1f} MiB of working memory, more "
+                         f"than the budget of {budget / 2**20:.1f} MiB; raise --max-memory")
+    return int(min(rows, job.rows))
+
+
+def _view_rows(t: torch.Tensor, job: TensorJob, start: int, stop: int) -> torch.Tensor:
+    return t.reshape(job.rows, job.row_numel)[start:stop]
+
+
+class _Loader:
+    """Reads row ranges of every input of one tensor into a reusable fp32 stack."""
+
+    def __init__(self, plan: Plan, pt: PlannedTensor, stats: ExecStats):
+        self.plan, self.pt, self.stats = plan, pt, stats
+        self.job = pt.job
+        self.views = [plan.checkpoints[m].tensor(name) for m, name in pt.sources]
+
+    def load(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        n = stop - start
+        if out is None or out.shape[1] != n:
+            out = torch.empty(len(self.views), n, self.job.row_numel, dtype=torch.float32)
+        for i, v in enumerate(self.views):
+            src = _view_rows(v, self.job, start, stop)
+            out[i].copy_(src)  # widening copy: bf16/f16 -> f32 is exact
+            self.stats.bytes_read += src.numel() * src.element_size()
+        return out
+
+
+def _chunks(rows: int, step: int) -> list[tuple[int, int]]:
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def run_global_passes(plan: Plan, budget: int, stats: ExecStats) -> None:
+    """Whole-model statistics (e.g. ties with trim_scope: global): reduce passes over every tensor first."""
+    method = plan.method
+    jobs = [pt.job for pt in plan.tensors]
+    passes = method.global_passes(jobs[0].params)
+    if not passes:
+        return
+    state = method.global_init(jobs)
+    result = None
+    for p in range(passes):
+        for pt in plan.tensors:
+            loader = _Loader(plan, pt, stats)
+            step = chunk_rows(pt.job, method.scratch_factor, FP32, budget)
+            for a, b in _chunks(pt.job.rows, step):
+                method.global_reduce(state, p, pt.job, Chunk(a, b, loader.load(a, b)))
+        result = method.global_end_pass(state, p)
+    for job in jobs:
+        job.global_state = result
+
+
+def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tensor, int], None], budget: int,
+                 stats: ExecStats) -> None:
+    """Drive one tensor's passes over its chunks and hand each cast output chunk to ``writer_fn``."""
+    job = pt.job
+    method = plan.method
+    itemsize = torch.empty(0, dtype=pt.out_dtype).element_size()
+    step = chunk_rows(job, method.scratch_factor, itemsize, budget)
+    chunks = _chunks(job.rows, step)
+    merge = method.start(job)
+    loader = _Loader(plan, pt, stats)
+    resident = len(chunks) == 1
+    if not resident:
+        stats.chunked_tensors += 1
+        log.debug("tensor %s: %d chunks of %d rows", job.name, len(chunks), step)
+    buf = loader.load(*chunks[0]) if chunks else None
+
+    def each_chunk() -> Iterator[Chunk]:
+        nonlocal buf
+        for a, b in chunks:
+            if not resident:
+                buf = loader.load(a, b, buf)
+            yield Chunk(a, b, buf)
+
+    for p in range(merge.reduce_passes):
+        for chunk in each_chunk():
+            merge.reduce(p, chunk)
+        merge.end_pass(p)
+    for chunk in each_chunk():
+        out = merge.map(chunk).to(pt.out_dtype)  # the single narrowing cast, round-to-nearest-even
+        writer_fn(out, chunk.row_start)
+        stats.bytes_written += out.numel() * itemsize
+
+
+def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: bool = True) -> ExecStats:
+    """Merge every planned tensor into ``writer`` within ``max_memory`` bytes of working memory."""
+    stats = ExecStats()
+    t0 = time.perf_counter()
+    run_global_passes(plan, max_memory, stats)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+                   dynamic_ncols=True, leave=False)
+    try:
+        for i, pt in enumerate(plan.tensors):
+            before = stats.bytes_read
+
+            def write(out: torch.Tensor, row_start: int, pt=pt) -> None:
+                shape = pt.shape if len(pt.shape) < 2 else (out.shape[0], *pt.shape[1:])
+                writer.write(pt.name, out.reshape(shape).contiguous(), row_start=row_start if len(pt.shape) >= 2 else 0)
+
+            merge_tensor(plan, pt, write, max_memory, stats)
+            stats.tensors += 1
+            if bar is not None:
+                bar.update(stats.bytes_read - before)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{i + 1}/{len(plan.tensors)} tensors, {stats.bytes_read / elapsed / 1e9:.2f} GB/s")
+    finally:
+        if bar is not None:
+            bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats

@@ -1,0 +1,177 @@
+"""The method contract: every merge method is a few passes over row chunks of one output tensor.
+
+A method never sees files, devices or memory budgets. For each output tensor the executor builds a
+``TensorJob`` (resolved parameters, input order, where the base is), asks the method for a ``TensorMerge``,
+and then drives it:
+
+    for p in range(merge.reduce_passes):      # statistics: histograms, norms, dot products
+        for chunk in chunks: merge.reduce(p, chunk)
+        merge.end_pass(p)
+    for chunk in chunks (in row order): out = merge.map(chunk)   # the output rows
+
+A ``Chunk`` holds whole rows ``[row_start, row_stop)`` of every input, widened to fp32, as a
+``[n_inputs, rows, row_numel]`` tensor. When the tensor fits the memory budget there is exactly one chunk and
+every pass runs on data that is already resident. Map passes (and reduce passes that rebuild masks) see the
+chunks in row order, which is what lets exact top-k ties be broken by lowest flat index across chunks.
+
+Methods that need whole-model statistics (``ties`` with ``trim_scope: global``) also implement the
+``global_*`` hooks: the executor then runs ``global_passes`` reduce passes over every tensor first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A method parameter: ``per_model`` ones are set per input model, the others once per tensor."""
+
+    name: str
+    kind: type  # float | bool | int | str
+    default: Any = None
+    per_model: bool = False
+    required: bool = False
+    doc: str = ""
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Validate one resolved value (YAML may give ints for floats, or numeric strings)."""
+        if value is None:
+            return None
+        try:
+            if self.kind is bool:
+                if isinstance(value, bool):
+                    return value
+                if isinstance(value, str) and value.lower() in ("true", "false"):
+                    return value.lower() == "true"
+                if isinstance(value, (int, float)) and value in (0, 1):
+                    return bool(value)
+                raise ValueError
+            if self.kind is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                return float(value)
+            if self.kind is int:
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError
+                return int(float(value))
+            return self.kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: parameter '{self.name}' expects {self.kind.__name__}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method needs from the plan: its parameters and the shape of its inputs."""
+
+    name: str
+    params: tuple[ParamSpec, ...]
+    needs_base: bool  # True: base_model required and treated as the base; False: base (if any) is a plain input
+    min_inputs: int = 1  # counting the base when it is an input
+    max_inputs: int | None = None
+    reference: str = ""
+    doc: str = ""
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+@dataclass
+class TensorJob:
+    """Everything a method needs to merge one output tensor, already resolved by the plan."""
+
+    name: str  # output tensor name
+    shape: tuple[int, ...]
+    inputs: list[str]  # model labels, in input order
+    base_index: int | None  # position of the base in ``inputs`` (None: no base input)
+    params: dict[str, Any]  # tensor-level parameters
+    model_params: list[dict[str, Any]]  # per-input parameters, aligned with ``inputs``
+    model_ids: list[int]  # stable per-model ids (position in the config's model list): Philox stream ids
+    seed: int = 0
+    global_state: Any = None  # whatever the method's global passes produced
+
+    @property
+    def rows(self) -> int:
+        """Rows of the 2-D view methods work on: dim 0 for matrices, a single row for 0-d/1-d tensors
+        (mergekit treats a vector as one row, e.g. for DELLA's per-row ranks)."""
+        return self.shape[0] if len(self.shape) >= 2 else 1
+
+    @property
+    def row_numel(self) -> int:
+        n = 1
+        for s in (self.shape[1:] if len(self.shape) >= 2 else self.shape):
+            n *= s
+        return n
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.row_numel
+
+    @property
+    def expert_indices(self) -> list[int]:
+        return [i for i in range(len(self.inputs)) if i != self.base_index]
+
+
+@dataclass
+class Chunk:
+    """Whole rows [row_start, row_stop) of every input as fp32 ``data[n_inputs, rows, row_numel]``."""
+
+    row_start: int
+    row_stop: int
+    data: torch.Tensor
+
+    @property
+    def flat_start(self) -> int:
+        return self.row_start * self.data.shape[2]
+
+    @property
+    def numel(self) -> int:
+        return self.data.shape[1] * self.data.shape[2]
+
+
+class TensorMerge:
+    """One output tensor's merge: reduce passes (statistics), then the map pass (output rows)."""
+
+    reduce_passes: int = 0
+
+    def reduce(self, p: int, chunk: Chunk) -> None:  # pragma: no cover - methods without reduce passes
+        raise NotImplementedError
+
+    def end_pass(self, p: int) -> None:
+        pass
+
+    def map(self, chunk: Chunk) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Method:
+    """A registered merge method: its spec plus a factory of per-tensor merges."""
+
+    spec: MethodSpec
+    # scratch memory of the method, in fp32 copies of one input chunk per input, beyond the inputs themselves;
+    # the executor sizes chunks with it (see executor.chunk_rows)
+    scratch_factor: float = 2.0
+    global_passes_fn: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def start(self, job: TensorJob) -> TensorMerge:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # --- whole-model statistics (optional) ---
+    def global_passes(self, params: dict[str, Any]) -> int:
+        return 0
+
+    def global_init(self, jobs: list[TensorJob]) -> Any:  # pragma: no cover - only for global methods
+        raise NotImplementedError
+
+    def global_reduce(self, state: Any, p: int, job: TensorJob, chunk: Chunk) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def global_end_pass(self, state: Any, p: int) -> None:  # pragma: no cover
+        raise NotImplementedError

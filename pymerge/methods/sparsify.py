@@ -1,0 +1,176 @@
+"""Task-vector sparsifiers as pass-aware objects (mergekit's ``magnitude``, ``magnitude_outliers``, ``random``,
+``della_magprune``), one instance per output tensor covering all of its experts.
+
+Semantics follow mergekit (mergekit/sparsify.py), with the deliberate differences documented in the README:
+top-k keeps exactly k with ties broken by lowest flat index, and random masks come from Philox (ops/philox.py)
+keyed by (seed, tensor, model, element) instead of torch.bernoulli.
+
+Per expert with density d over n elements:
+  magnitude           d >= 1: keep all (no rescale); else keep the top max(1, int(d*n)) |tau| (0 if d <= 0)
+  magnitude_outliers  d >= 1: keep all; else drop the n_top = int(gamma*n) largest and the
+                      n_bot = max(0, n - int(d*n) - n_top) smallest (ascending ranks [n_bot, n_bot + int(d*n)))
+  random (DARE)       d >= 1: keep all; else keep iff u < d
+  della_magprune      d >= 1: keep all; d <= 0: none; else per row, p = (d - eps) + 2*eps * rank/(cols - 1)
+                      with rank the stable ascending rank of |tau| in its row; keep iff u < p
+``rescale`` multiplies the kept values of a sparsified expert by ||tau||_1 / ||mask*tau||_1 (skipped when either
+norm is below 1e-7), mergekit's L1 rescale since Feb 2025.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..ops.philox import keep_mask
+from ..ops.select import TieCursor, TopKSelector, magnitude_keys
+
+RESCALE_EPS = 1e-7  # mergekit's tolerance below which an L1 norm is treated as zero (no rescale)
+
+KINDS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
+
+
+class Sparsifier:
+    """Masks for every expert of one tensor, built over chunks.
+
+    ``selection_passes`` reduce passes (radix histograms) come first, then, when ``rescale`` is on, one pass
+    that accumulates the L1 norms before/after masking. ``mask(chunk_tau, flat_start)`` is valid afterwards
+    and must be called on chunks in row order within a pass (``start_pass`` resets the tie cursor).
+    """
+
+    def __init__(self, kind: str, job, experts: list[int], rescale: bool):
+        self.kind = kind
+        self.job = job
+        self.experts = experts
+        n = job.numel
+        self.n = n
+        mp = [job.model_params[i] for i in experts]
+        self.density = [float(p.get("density", 1.0)) for p in mp]
+        for d, i in zip(self.density, experts):
+            if d < 0:
+                raise ConfigError(f"{job.name}: model '{job.inputs[i]}': density must be >= 0, got {d}")
+        # experts whose tensor passes through untouched (density >= 1): mergekit returns them unscaled
+        self.dense = [d >= 1 for d in self.density]
+        self.selector: TopKSelector | None = None
+        if kind == "magnitude":
+            ks = [n if dense else (0 if d <= 0 or n == 0 else max(1, int(d * n)))
+                  for d, dense in zip(self.density, self.dense)]
+            self.selector = TopKSelector(ks, n)
+            self._pairs = [(i, None) for i in range(len(experts))]
+        elif kind == "magnitude_outliers":
+            ks, src = [], []
+            for e, (d, p) in enumerate(zip(self.density, mp)):
+                gamma = float(p.get("gamma", 0.01))
+                target = int(d * n)
+                n_top = int(gamma * n)
+                n_bot = max(0, n - target - n_top)
+                k_outer = n if self.dense[e] else n - n_bot  # keep the top k_outer ...
+                k_inner = 0 if self.dense[e] else max(0, k_outer - target)  # ... except the top k_inner
+                ks += [k_outer, k_inner]
+                src += [e, e]
+            self.selector = TopKSelector(ks, n, src=src)
+            self._pairs = [(2 * e, 2 * e + 1) for e in range(len(experts))]
+        elif kind == "della_magprune":
+            self.eps = [float(p.get("epsilon", 0.15)) for p in mp]
+            for e, (d, eps) in enumerate(zip(self.density, self.eps)):
+                if 0 < d < 1 and not (0 < d - eps and d + eps < 1):
+                    raise ConfigError(
+                        f"{job.name}: model '{job.inputs[experts[e]]}': della needs density ± epsilon inside (0, 1); "
+                        f"got density {d}, epsilon {eps}")
+        elif kind != "random":
+            raise ValueError(f"unknown sparsifier {kind!r}")
+        self.selection_passes = 2 if self.selector is not None else 0
+        self.rescale = rescale and not all(self.dense)
+        self.passes = self.selection_passes + (1 if self.rescale else 0)
+        self.l1_before = [0.0] * len(experts)
+        self.l1_after = [0.0] * len(experts)
+        self.scale = [1.0] * len(experts)
+        self.thresholds = None
+        self._cursor = TieCursor(len(self.selector.ks)) if self.selector else None
+
+    # --- reduce passes ---
+    def start_pass(self) -> None:
+        if self.selector is not None:
+            self._cursor = TieCursor(len(self.selector.ks))
+
+    def reduce(self, p: int, tau: torch.Tensor, chunk_row_start: int) -> None:
+        """``tau``: [n_experts, rows, cols] fp32 task vectors of one chunk."""
+        if p < self.selection_passes:
+            keys = magnitude_keys(tau).reshape(tau.shape[0], -1)
+            (self.selector.add_hi if p == 0 else self.selector.add_lo)(keys)
+            return
+        m = self.mask(tau, chunk_row_start)
+        for e in range(len(self.experts)):
+            if self.dense[e]:
+                continue
+            a = tau[e].abs()
+            self.l1_before[e] += float(a.sum(dtype=torch.float64))
+            self.l1_after[e] += float((a * m[e]).sum(dtype=torch.float64))
+
+    def end_pass(self, p: int) -> None:
+        if p == 0 and self.selection_passes:
+            self.selector.end_hi()
+        elif p == 1 and self.selection_passes:
+            self.thresholds = self.selector.end_lo()
+        if p == self.passes - 1 and self.rescale:
+            for e in range(len(self.experts)):
+                b, a = self.l1_before[e], self.l1_after[e]
+                if not self.dense[e] and b >= RESCALE_EPS and a >= RESCALE_EPS:
+                    self.scale[e] = b / a
+        self.start_pass()
+
+    # --- masks ---
+    def mask(self, tau: torch.Tensor, row_start: int) -> torch.Tensor:
+        """Boolean keep-mask [n_experts, rows, cols] for one chunk (chunks in row order within a pass)."""
+        n_exp, rows, cols = tau.shape
+        flat_start = row_start * cols
+        out = torch.ones(tau.shape, dtype=torch.bool)
+        if self.kind in ("magnitude", "magnitude_outliers"):
+            keys = magnitude_keys(tau)
+            for e, (outer, inner) in enumerate(self._pairs):
+                if self.dense[e]:
+                    continue
+                m = self._cursor.mask(outer, keys[e], self.thresholds[outer])
+                if inner is not None:
+                    m &= ~self._cursor.mask(inner, keys[e], self.thresholds[inner])
+                out[e] = m
+        elif self.kind == "random":
+            for e, i in enumerate(self.experts):
+                if self.dense[e]:
+                    continue
+                out[e] = keep_mask(self.job.seed, self.job.model_ids[i], self.job.name, flat_start, rows * cols,
+                                   self.density[e]).reshape(rows, cols)
+        else:  # della_magprune
+            for e, i in enumerate(self.experts):
+                if self.dense[e]:
+                    continue
+                if self.density[e] <= 0:
+                    out[e] = False
+                    continue
+                prob = della_probabilities(tau[e], self.density[e], self.eps[e])
+                out[e] = keep_mask(self.job.seed, self.job.model_ids[i], self.job.name, flat_start, rows * cols,
+                                   prob).reshape(rows, cols)
+        return out
+
+    def apply(self, tau: torch.Tensor, row_start: int) -> torch.Tensor:
+        """tau * mask * rescale for one chunk (in place on ``tau``)."""
+        tau.mul_(self.mask(tau, row_start))
+        for e, s in enumerate(self.scale):
+            if s != 1.0:
+                tau[e].mul_(s)
+        return tau
+
+
+def della_probabilities(tau_rows: torch.Tensor, density: float, eps: float) -> torch.Tensor:
+    """DELLA keep-probabilities per element of whole rows: fp32(d-eps) + fp32(2*eps) * rank/(cols-1).
+
+    rank is the stable ascending rank of |tau| within its row (ties: lower index, lower rank); a one-element
+    row gets rank ratio 0 (mergekit would divide 0 by 0).
+    """
+    rows, cols = tau_rows.shape
+    order = torch.sort(magnitude_keys(tau_rows), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, dtype=order.dtype).expand(rows, cols))
+    ratio = ranks.to(torch.float32) / float(max(cols - 1, 1))
+    low = torch.tensor(density - eps, dtype=torch.float32)
+    span = torch.tensor(2 * eps, dtype=torch.float32)
+    return low + span * ratio
