@@ -143,8 +143,8 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
         bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
                    dynamic_ncols=True, leave=False)
     try:
+        done = 0  # input bytes of the finished tensors (re-reads of chunked passes not counted twice)
         for i, pt in enumerate(plan.tensors):
-            before = stats.bytes_read
 
             def write(out: torch.Tensor, row_start: int, pt=pt) -> None:
                 shape = pt.shape if len(pt.shape) < 2 else (out.shape[0], *pt.shape[1:])
@@ -153,9 +153,11 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
             merge_tensor(plan, pt, write, max_memory, stats)
             stats.tensors += 1
             if bar is not None:
-                bar.update(stats.bytes_read - before)
+                size = sum(plan.checkpoints[m].info(n).nbytes for m, n in pt.sources)
+                done += size
+                bar.update(size)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{i + 1}/{len(plan.tensors)} tensors, {stats.bytes_read / elapsed / 1e9:.2f} GB/s")
+                bar.set_postfix_str(f"{i + 1}/{len(plan.tensors)} tensors, {done / elapsed / 1e9:.2f} GB/s")
     finally:
         if bar is not None:
             bar.close()
