@@ -1,0 +1,1 @@
+"""End-to-end conformance: pymerge against mergekit, and pymerge outputs loaded by transformers."""
