@@ -4,7 +4,7 @@
     t = N c / (1 + (N - 1) c)    (0 where |1 + (N - 1) c| < 1e-6: keep the base)
     theta = t * mean_i(theta_i) + (1 - t) * theta_0
 per tensor, or per row with ``filter_wise: true`` (rows of the last dimension). One reduce pass accumulates
-the N x N Gram matrix of the task vectors in fp64.
+the N x N Gram matrix of the task vectors (fp64 row sums, combined exactly).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..ops.exact_sum import ExactSum
 from .base import Chunk, Method, MethodSpec, ParamSpec, TensorJob, TensorMerge
 
 
@@ -38,26 +39,29 @@ class _StockMerge(TensorMerge):
         self.filter_wise = bool(job.params["filter_wise"])
         self.last = job.shape[-1] if job.shape else 1
         n = len(self.experts)
-        self.gram = None if self.filter_wise else torch.zeros(n, n, dtype=torch.float64)
+        self.gram = None if self.filter_wise else ExactSum(n * n)
         self.parts: list[torch.Tensor] = []
 
     def _vectors(self, chunk: Chunk) -> torch.Tensor:
-        """Task vectors [N, vectors, length]: one vector per tensor, or per row of the last dim."""
+        """Task vectors [N, vectors, length], one per row of the last dimension (filter_wise)."""
         tau = (chunk.data[self.experts] - chunk.data[self.job.base_index]).double()
-        if self.filter_wise:
-            return tau.reshape(len(self.experts), -1, self.last)
-        return tau.reshape(len(self.experts), 1, -1)
+        return tau.reshape(len(self.experts), -1, self.last)
 
     def reduce(self, p: int, chunk: Chunk) -> None:
-        v = self._vectors(chunk).transpose(0, 1)  # [vectors, N, length]
-        g = v @ v.transpose(1, 2)
+        n = len(self.experts)
         if self.filter_wise:
-            self.parts.append(stock_ratio(g).to(torch.float32))  # rows are whole in a chunk
+            v = self._vectors(chunk)  # [N, vectors, length]; whole vectors are always inside one chunk
+            g = torch.stack([torch.stack([(v[i] * v[j]).sum(-1) for j in range(n)], -1) for i in range(n)], -2)
+            self.parts.append(stock_ratio(g).to(torch.float32))
         else:
-            self.gram += g[0]
+            tau = (chunk.data[self.experts] - chunk.data[self.job.base_index]).double()  # [N, rows, cols]
+            self.gram.add_rows(torch.stack([(tau[i] * tau[j]).sum(-1) for i in range(n) for j in range(n)], dim=1))
 
     def end_pass(self, p: int) -> None:
-        self.t = None if self.filter_wise else stock_ratio(self.gram).to(torch.float32)
+        if not self.filter_wise:
+            n = len(self.experts)
+            gram = torch.tensor(self.gram.values(), dtype=torch.float64).reshape(n, n)
+            self.t = stock_ratio(gram).to(torch.float32)
         self._next = 0
 
     def map(self, chunk: Chunk) -> torch.Tensor:

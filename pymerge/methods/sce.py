@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.consensus import sign_consensus
+from ..ops.exact_sum import ExactSum, row_sums
 from ..ops.select import TieCursor, TopKSelector, magnitude_keys
 from .base import Chunk, Method, MethodSpec, ParamSpec, TensorJob, TensorMerge
 
@@ -29,7 +30,7 @@ class _SCEMerge(TensorMerge):
         self.selector = TopKSelector([1], job.numel) if self.select else None
         self.nonzero = 0
         self.reduce_passes = (2 if self.select else 0) + 1
-        self.energy = torch.zeros(len(self.experts), dtype=torch.float64)
+        self.energy = ExactSum(len(self.experts))  # sum of tau^2 per expert
         self.cursor = TieCursor(1)
 
     def _tau(self, chunk: Chunk) -> torch.Tensor:
@@ -54,7 +55,8 @@ class _SCEMerge(TensorMerge):
                 self.selector.add_lo(keys)
             return
         sel = self._selected(tau)
-        self.energy += (sel.double() ** 2).reshape(len(self.experts), -1).sum(dim=1)
+        sq = sel.double() ** 2
+        self.energy.add_rows(torch.stack([row_sums(sq[e]) for e in range(len(self.experts))], dim=1))
 
     def end_pass(self, p: int) -> None:
         if self.select and p == 0:
@@ -63,7 +65,7 @@ class _SCEMerge(TensorMerge):
         elif self.select and p == 1:
             (self.threshold,) = self.selector.end_lo()
         else:
-            c = self.energy / max(self.job.numel, 1)
+            c = torch.tensor(self.energy.values(), dtype=torch.float64) / max(self.job.numel, 1)
             total = float(c.sum())
             n = len(self.experts)
             self.c = (torch.full((n,), 1.0 / n, dtype=torch.float64) if abs(total) < 1e-6 else c / total)

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..errors import ConfigError
+from ..ops.exact_sum import ExactSum, row_sums
 from .base import Chunk, Method, MethodSpec, ParamSpec, TensorJob, TensorMerge
 
 DOT_THRESHOLD = 0.9995  # mergekit's switch to linear interpolation for (anti)collinear tensors
@@ -39,17 +40,15 @@ class _SlerpMerge(TensorMerge):
         self.a = job.base_index
         self.b = job.expert_indices[0]
         self.t = float(job.params["t"])
-        self.sums = [0.0, 0.0, 0.0]
+        self.sums = ExactSum(3)  # |a|^2, |b|^2, <a, b>
 
     def reduce(self, p: int, chunk: Chunk) -> None:
         a = chunk.data[self.a].double()
         b = chunk.data[self.b].double()
-        self.sums[0] += float((a * a).sum())
-        self.sums[1] += float((b * b).sum())
-        self.sums[2] += float((a * b).sum())
+        self.sums.add_rows(torch.stack([row_sums(a * a), row_sums(b * b), row_sums(a * b)], dim=1))
 
     def end_pass(self, p: int) -> None:
-        self.ca, self.cb = slerp_coefficients(self.t, *self.sums)
+        self.ca, self.cb = slerp_coefficients(self.t, *self.sums.values())
 
     def map(self, chunk: Chunk) -> torch.Tensor:
         return chunk.data[self.a] * self.ca + chunk.data[self.b] * self.cb

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..ops.exact_sum import ExactSum, row_sums
 from ..ops.philox import keep_mask
 from ..ops.select import TieCursor, TopKSelector, magnitude_keys
 
@@ -81,8 +82,8 @@ class Sparsifier:
         self.selection_passes = 2 if self.selector is not None else 0
         self.rescale = rescale and not all(self.dense)
         self.passes = self.selection_passes + (1 if self.rescale else 0)
-        self.l1_before = [0.0] * len(experts)
-        self.l1_after = [0.0] * len(experts)
+        # per expert: (||tau||_1, ||mask * tau||_1), summed independently of the chunking
+        self.l1 = [ExactSum(2) for _ in experts]
         self.scale = [1.0] * len(experts)
         self.thresholds = None
         self._cursor = TieCursor(len(self.selector.ks)) if self.selector else None
@@ -103,8 +104,7 @@ class Sparsifier:
             if self.dense[e]:
                 continue
             a = tau[e].abs()
-            self.l1_before[e] += float(a.sum(dtype=torch.float64))
-            self.l1_after[e] += float((a * m[e]).sum(dtype=torch.float64))
+            self.l1[e].add_rows(torch.stack([row_sums(a), row_sums(a * m[e])], dim=1))
 
     def end_pass(self, p: int) -> None:
         if p == 0 and self.selection_passes:
@@ -113,7 +113,7 @@ class Sparsifier:
             self.thresholds = self.selector.end_lo()
         if p == self.passes - 1 and self.rescale:
             for e in range(len(self.experts)):
-                b, a = self.l1_before[e], self.l1_after[e]
+                b, a = self.l1[e].values()
                 if not self.dense[e] and b >= RESCALE_EPS and a >= RESCALE_EPS:
                     self.scale[e] = b / a
         self.start_pass()

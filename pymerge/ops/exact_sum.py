@@ -1,0 +1,35 @@
+"""Chunking-independent sums: per-row fp64 partial sums, combined with an exactly rounded ``math.fsum``.
+
+A reduction over a tensor streamed in row chunks must give the same bits for any chunk size, or a merge would
+depend on the memory budget. Rows are never split across chunks, so each row's fp64 sum is the same whatever
+the chunking; ``math.fsum`` of all row sums is exactly rounded, hence independent of their grouping too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ExactSum:
+    """Accumulates row sums of several quantities (``width`` of them) over chunks; ``values()`` at the end."""
+
+    def __init__(self, width: int = 1):
+        self.width = width
+        self.parts: list[torch.Tensor] = []
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """``rows``: fp64 per-row sums, shape [rows, width] (or [rows] when width == 1)."""
+        self.parts.append(rows.detach().to(torch.float64).reshape(-1, self.width))
+
+    def values(self) -> list[float]:
+        if not self.parts:
+            return [0.0] * self.width
+        allrows = torch.cat(self.parts, dim=0)
+        return [math.fsum(allrows[:, j].tolist()) for j in range(self.width)]
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """fp64 sum of each row of a [rows, cols] tensor."""
+    return x.to(torch.float64).sum(dim=-1)
