@@ -103,6 +103,9 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tenso
     """Drive one tensor's passes over its chunks and hand each cast output chunk to ``writer_fn``."""
     job = pt.job
     method = plan.method
+    if job.numel == 0:
+        writer_fn(torch.empty((0,) if len(pt.shape) < 2 else (job.rows, *pt.shape[1:]), dtype=pt.out_dtype), 0)
+        return
     itemsize = torch.empty(0, dtype=pt.out_dtype).element_size()
     step = chunk_rows(job, method.scratch_factor, itemsize, budget)
     chunks = _chunks(job.rows, step)

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.consensus import sign_consensus
+from ..ops.consensus import sign_consensus, stack_sum
 from ..ops.exact_sum import ExactSum, row_sums
 from ..ops.select import TieCursor, TopKSelector, magnitude_keys
 from .base import Chunk, Method, MethodSpec, ParamSpec, TensorJob, TensorMerge
+
+
+def variance(tau: torch.Tensor) -> torch.Tensor:
+    """Population variance over the experts (dim 0), in a fixed order so chunking cannot change it."""
+    n = tau.shape[0]
+    mean = stack_sum(tau) / n
+    return stack_sum((tau - mean) ** 2) / n
 
 
 class _SCEMerge(TensorMerge):
@@ -29,7 +36,7 @@ class _SCEMerge(TensorMerge):
         # histogram pass running (k = 0 would skip it)
         self.selector = TopKSelector([1], job.numel) if self.select else None
         self.nonzero = 0
-        self.reduce_passes = (2 if self.select else 0) + 1
+        self.reduce_passes = ((2 if self.select else 0) + 1) if self.experts else 0
         self.energy = ExactSum(len(self.experts))  # sum of tau^2 per expert
         self.cursor = TieCursor(1)
 
@@ -41,13 +48,13 @@ class _SCEMerge(TensorMerge):
             return torch.zeros_like(tau)
         if not self.select:
             return tau
-        keys = magnitude_keys(torch.var(tau, dim=0, unbiased=False))
+        keys = magnitude_keys(variance(tau))
         return tau * self.cursor.mask(0, keys, self.threshold)
 
     def reduce(self, p: int, chunk: Chunk) -> None:
         tau = self._tau(chunk)
         if self.select and p < 2:
-            keys = magnitude_keys(torch.var(tau, dim=0, unbiased=False)).reshape(1, -1)
+            keys = magnitude_keys(variance(tau)).reshape(1, -1)
             if p == 0:
                 self.nonzero += int((keys != 0).sum())
                 self.selector.add_hi(keys)
@@ -73,10 +80,12 @@ class _SCEMerge(TensorMerge):
         self.cursor = TieCursor(1)
 
     def map(self, chunk: Chunk) -> torch.Tensor:
+        if not self.experts:
+            return chunk.data[self.job.base_index].clone()  # only the base: mergekit returns it
         tau = self._selected(self._tau(chunk))
         erase = sign_consensus(tau, "sum")
         w = self.c * erase
-        merged = (tau * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6)
+        merged = stack_sum(tau * w) / stack_sum(w).clamp(min=1e-6)
         return chunk.data[self.job.base_index] + merged
 
 

@@ -10,8 +10,8 @@ Per expert with density d over n elements:
   magnitude_outliers  d >= 1: keep all; else drop the n_top = int(gamma*n) largest and the
                       n_bot = max(0, n - int(d*n) - n_top) smallest (ascending ranks [n_bot, n_bot + int(d*n)))
   random (DARE)       d >= 1: keep all; else keep iff u < d
-  della_magprune      d >= 1: keep all; d <= 0: none; else per row, p = (d - eps) + 2*eps * rank/(cols - 1)
-                      with rank the stable ascending rank of |tau| in its row; keep iff u < p
+  della_magprune      d >= 1: keep all; d <= 0: none; else p = (d - eps) + 2*eps * rank/(shape[1] - 1)
+                      with rank the stable ascending rank of |tau| along dim 1 (a vector: one row); keep iff u < p
 ``rescale`` multiplies the kept values of a sparsified expert by ||tau||_1 / ||mask*tau||_1 (skipped when either
 norm is below 1e-7), mergekit's L1 rescale since Feb 2025.
 """
@@ -71,6 +71,7 @@ class Sparsifier:
             self.selector = TopKSelector(ks, n, src=src)
             self._pairs = [(2 * e, 2 * e + 1) for e in range(len(experts))]
         elif kind == "della_magprune":
+            self.rank_dim = job.shape[1] if len(job.shape) >= 2 else max(job.numel, 1)
             self.eps = [float(p.get("epsilon", 0.15)) for p in mp]
             for e, (d, eps) in enumerate(zip(self.density, self.eps)):
                 if 0 < d < 1 and not (0 < d - eps and d + eps < 1):
@@ -146,7 +147,7 @@ class Sparsifier:
                 if self.density[e] <= 0:
                     out[e] = False
                     continue
-                prob = della_probabilities(tau[e], self.density[e], self.eps[e])
+                prob = della_probabilities(tau[e], self.density[e], self.eps[e], self.rank_dim)
                 out[e] = keep_mask(self.job.seed, self.job.model_ids[i], self.job.name, flat_start, rows * cols,
                                    prob).reshape(rows, cols)
         return out
@@ -160,17 +161,20 @@ class Sparsifier:
         return tau
 
 
-def della_probabilities(tau_rows: torch.Tensor, density: float, eps: float) -> torch.Tensor:
-    """DELLA keep-probabilities per element of whole rows: fp32(d-eps) + fp32(2*eps) * rank/(cols-1).
+def della_probabilities(tau_rows: torch.Tensor, density: float, eps: float, rank_dim: int) -> torch.Tensor:
+    """DELLA keep-probabilities of whole rows: fp32(d-eps) + fp32(2*eps) * rank/(rank_dim - 1).
 
-    rank is the stable ascending rank of |tau| within its row (ties: lower index, lower rank); a one-element
-    row gets rank ratio 0 (mergekit would divide 0 by 0).
+    ``tau_rows`` is [rows, cols] with cols = rank_dim * rest: ranks run along the tensor's dim 1 (mergekit's
+    ``argsort(dim=1)``; a vector is one row), batched over the other dims. rank is the stable ascending rank of
+    |tau| (ties: lower index, lower rank); rank_dim == 1 gives ratio 0 (mergekit would divide 0 by 0).
     """
     rows, cols = tau_rows.shape
-    order = torch.sort(magnitude_keys(tau_rows), dim=1, stable=True).indices
+    view = magnitude_keys(tau_rows).reshape(rows, rank_dim, cols // max(rank_dim, 1))
+    order = torch.sort(view, dim=1, stable=True).indices
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, dtype=order.dtype).expand(rows, cols))
-    ratio = ranks.to(torch.float32) / float(max(cols - 1, 1))
+    steps = torch.arange(rank_dim, dtype=order.dtype).reshape(1, rank_dim, 1).expand_as(order)
+    ranks.scatter_(1, order, steps)
+    ratio = ranks.to(torch.float32) / float(max(rank_dim - 1, 1))
     low = torch.tensor(density - eps, dtype=torch.float32)
     span = torch.tensor(2 * eps, dtype=torch.float32)
-    return low + span * ratio
+    return (low + span * ratio).reshape(rows, cols)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..ops.consensus import sign_consensus
+from ..ops.consensus import sign_consensus, stack_sum
 from ..ops.select import TieCursor, TopKSelector, magnitude_keys
 from .base import Chunk, Method, MethodSpec, ParamSpec, TensorJob, TensorMerge
 from .sparsify import Sparsifier
@@ -76,7 +76,7 @@ class _GTAMerge(TensorMerge):
             self.global_th = job.global_state
             if p["rescale"]:
                 raise ConfigError("ties: rescale is not supported with trim_scope: global")
-        self.sparsifier = Sparsifier(kind, job, self.experts, bool(p["rescale"])) if kind else None
+        self.sparsifier = Sparsifier(kind, job, self.experts, bool(p["rescale"])) if kind and self.experts else None
         self.reduce_passes = self.sparsifier.passes if self.sparsifier else 0
         self._cache = None
 
@@ -96,6 +96,8 @@ class _GTAMerge(TensorMerge):
         self.sparsifier.end_pass(p)
 
     def map(self, chunk: Chunk) -> torch.Tensor:
+        if not self.experts:
+            return chunk.data[self.job.base_index].clone()  # only the base: mergekit returns it
         tau = self._tau(chunk)
         self._cache = None  # map consumes (and modifies) the task vectors
         if self.sparsifier is not None:
@@ -109,12 +111,12 @@ class _GTAMerge(TensorMerge):
         tau.mul_(w)
         if self.consensus:
             agree = sign_consensus(tau, self.consensus)
-            mixed = (tau * agree).sum(dim=0)
-            divisor = (w * agree).sum(dim=0)
+            mixed = stack_sum(tau * agree)
+            divisor = stack_sum(w * agree)
             divisor[divisor == 0] = 1
         else:
-            mixed = tau.sum(dim=0)
-            divisor = w.sum(dim=0)
+            mixed = stack_sum(tau)
+            divisor = stack_sum(w)
             divisor[divisor.abs() < 1e-8] = 1
         if self.normalize:
             mixed /= divisor

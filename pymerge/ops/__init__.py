@@ -71,6 +71,8 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], *, base_index: i
     job = TensorJob(name=name, shape=shape, inputs=[f"input{i}" for i in range(n)], base_index=base_index,
                     params=params, model_params=model_params,
                     model_ids=list(model_ids) if model_ids is not None else list(range(n)), seed=seed)
+    if job.numel == 0:
+        return torch.empty(shape, dtype=torch.float32)
     data = torch.stack([t.detach().to("cpu", torch.float32).reshape(job.rows, job.row_numel) for t in tensors])
     step = job.rows if max_rows_per_chunk is None else max(1, int(max_rows_per_chunk))
     chunks = [Chunk(a, min(a + step, job.rows), data[:, a:a + step]) for a in range(0, job.rows, step)]

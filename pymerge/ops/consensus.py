@@ -13,9 +13,23 @@ def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
     """
     sign = torch.sign(deltas)
     if method == "sum":
-        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
+        elected = torch.where(stack_sum(deltas) >= 0, 1.0, -1.0)
     elif method == "count":
-        elected = torch.where(sign.sum(dim=0) >= 0, 1.0, -1.0)
+        elected = torch.where(stack_sum(sign) >= 0, 1.0, -1.0)
     else:
         raise ValueError(f"unknown consensus method {method!r} (expected 'sum' or 'count')")
     return sign == elected
+
+
+def stack_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum over dim 0, accumulated strictly in index order: x[0] + x[1] + ... .
+
+    ``torch.sum(dim=0)`` picks its accumulation order from the tensor's shape, so the same element could round
+    differently in a chunk of one row and in a chunk of many; merges must not depend on chunking.
+    """
+    if x.shape[0] == 0:
+        return torch.zeros(x.shape[1:], dtype=x.dtype)
+    acc = x[0].clone()
+    for i in range(1, x.shape[0]):
+        acc += x[i]
+    return acc
