@@ -1,0 +1,1 @@
+"""Tests of the tensor-level ops (pymerge.ops): Philox, exact top-k, sign consensus."""
