@@ -18,6 +18,7 @@ import torch
 from ..errors import ConfigError
 from .consensus import sign_consensus
 from .philox import keep_mask, name_hash, philox4x32_10, random_words
+from .threads import threads_for
 from .select import TieCursor, TopKSelector, magnitude_keys, topk_mask
 
 
@@ -82,12 +83,13 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], *, base_index: i
             for c in chunks:
                 m.global_reduce(state, p, job, c)
             job.global_state = m.global_end_pass(state, p)
-    merge = m.start(job)
-    for p in range(merge.reduce_passes):
-        for c in chunks:
-            merge.reduce(p, c)
-        merge.end_pass(p)
-    out = torch.cat([merge.map(c) for c in chunks], dim=0) if chunks else data[0]
+    with threads_for(job.numel * n):
+        merge = m.start(job)
+        for p in range(merge.reduce_passes):
+            for c in chunks:
+                merge.reduce(p, c)
+            merge.end_pass(p)
+        out = torch.cat([merge.map(c) for c in chunks], dim=0) if chunks else data[0]
     return out.reshape(shape)
 
 
