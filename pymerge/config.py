@@ -245,6 +245,17 @@ class OutputSlice(_ConfigModel):
         return self.sources[0].num_layers
 
 
+# Chat templates known by name. ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message, then the
+# assistant header when a generation prompt is requested.
+NAMED_CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% endif %}"
+    ),
+}
+
+
 class MergeConfig(_ConfigModel):
     """A whole merge: method, inputs (``models`` or ``slices``), parameters, dtypes.
 
@@ -288,6 +299,23 @@ class MergeConfig(_ConfigModel):
         if problem is not None:
             raise config_problem(problem)
         return _CANONICAL_DTYPE[DTYPE_NAMES[value.strip().lower().removeprefix("torch.")]]
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _check_chat_template(cls, value: Any) -> Any:
+        # mergekit also accepts template *names* that it resolves from its own data; we know "chatml" (the
+        # format is a public convention) and otherwise take the Jinja text itself (written to
+        # chat_template.jinja in the output)
+        if value is None or value in NAMED_CHAT_TEMPLATES:
+            return value
+        if not (isinstance(value, str) and ("{{" in value or "{%" in value)):
+            raise config_problem(f"expected Jinja template text or one of {sorted(NAMED_CHAT_TEMPLATES)}; other "
+                                 "named templates (e.g. 'auto') are not supported yet")
+        return value
+
+    def chat_template_text(self) -> str | None:
+        """The Jinja text of ``chat_template`` (a known name resolved), or None."""
+        return NAMED_CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
 
     @field_validator("tokenizer_source", mode="before")
     @classmethod

@@ -626,3 +626,16 @@ def test_mergekit_reads_our_yaml(name):
     theirs = mk_config.MergeConfiguration.model_validate(yaml.safe_load(ours.to_yaml()))
     assert sorted(str(m) for m in theirs.referenced_models()) == sorted(ours.referenced_models())
     assert theirs.merge_method == ours.merge_method and theirs.dtype == ours.dtype
+
+
+def test_chat_template_must_be_jinja_text():
+    from pymerge.config import load_config
+    from pymerge.errors import ConfigError
+
+    base = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}]}
+    ok = load_config({**base, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"})
+    assert ok.chat_template.startswith("{%")
+    named = load_config({**base, "chat_template": "chatml"})
+    assert "<|im_start|>" in named.chat_template_text()
+    with pytest.raises(ConfigError, match="chat_template"):
+        load_config({**base, "chat_template": "alpaca"})
