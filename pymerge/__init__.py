@@ -6,8 +6,8 @@ The package works without its compiled extension (``pymerge._C``); native backen
 
 __version__ = "0.1.0"
 
-from .api import MergeReport, merge  # noqa: E402
+from .api import MergeReport, merge, verify  # noqa: E402
 from .errors import BackendUnavailable, CheckpointError, ConfigError, MergeError, PymergeError  # noqa: E402
 
-__all__ = ["merge", "MergeReport", "PymergeError", "CheckpointError", "ConfigError", "MergeError",
+__all__ = ["merge", "verify", "MergeReport", "PymergeError", "CheckpointError", "ConfigError", "MergeError",
            "BackendUnavailable", "__version__"]

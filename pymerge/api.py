@@ -12,7 +12,9 @@ from typing import Any
 from .config import MergeConfig, load_config
 from .executor import execute
 from .io.atomic_dir import AtomicOutputDir
-from .io.output_extras import copy_tokenizer_files, write_config_json, write_model_card
+from .io.disk_space import DISK_ERRNOS, GuardedWriter, check_free_space, disk_error, planned_bytes
+from .io.manifest import VerifyReport, verify_output, write_manifest
+from .io.output_extras import TOKENIZER_FILES, copy_tokenizer_files, write_config_json, write_model_card
 from .io.safetensors_writer import ShardedWriter
 from .ops.backend import resolve_backend, resolve_device
 from .plan import Plan, build_plan
@@ -65,7 +67,7 @@ def _write_extras(plan: Plan, out: Path) -> None:
         copied = copy_tokenizer_files(cks[plan.tokenizer_model].path, out)
         log.debug("copied tokenizer files %s from %s", copied, plan.tokenizer_model)
     if plan.config.chat_template:
-        (out / "chat_template.jinja").write_text(plan.config.chat_template)
+        (out / "chat_template.jinja").write_text(plan.config.chat_template_text())
     config_yaml = plan.config.to_yaml()
     (out / "pymerge_config.yml").write_text(config_yaml)
     inputs = [m for m in plan.config.referenced_models()]
@@ -73,14 +75,25 @@ def _write_extras(plan: Plan, out: Path) -> None:
                      config_yaml=config_yaml)
 
 
+def _tokenizer_sources(plan: Plan) -> list[Path]:
+    """The tokenizer files the output will get a copy of (for the free-space estimate)."""
+    if plan.tokenizer_model is None:
+        return []
+    src = plan.checkpoints[plan.tokenizer_model].path
+    return [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+
+
 def merge(config_or_path: MergeConfig | str | Path | dict, out_dir: str | Path, *, device: str = "auto",
           backend: str = "auto", max_memory: str | int | None = None, max_gpu_memory: str | int | None = None,
           out_shard_size: str | int = "5GB", seed: int = 0, quiet: bool = False, overwrite: bool = False,
-          allow_pickle: bool = False) -> MergeReport:
+          allow_pickle: bool = False, allow_nonfinite: bool = False, check_space: bool = True) -> MergeReport:
     """Merge the models a mergekit-style config names into ``out_dir`` and return a ``MergeReport``.
 
     Every input header is validated before any weight is read; the output is written into a temporary
     directory beside ``out_dir`` and renamed into place only when complete, so a failed merge leaves nothing.
+    A NaN/Inf in any input is a MergeError unless ``allow_nonfinite``; a filesystem without room for the
+    output is refused before writing unless ``check_space`` is False. The output ends with
+    ``pymerge_manifest.json`` (sizes and sha256 of every file) for ``verify``.
     """
     t0 = time.perf_counter()
     config = config_or_path if isinstance(config_or_path, MergeConfig) else load_config(config_or_path)
@@ -94,15 +107,31 @@ def merge(config_or_path: MergeConfig | str | Path | dict, out_dir: str | Path, 
     try:
         log.info("merging %d tensors with %s (%s backend), budget %.2f GB", len(plan.tensors),
                  config.merge_method, chosen, budget / 1e9)
+        if check_space:
+            check_free_space(out_dir, planned_bytes(plan.shards, _tokenizer_sources(plan)))
         out = AtomicOutputDir(out_dir, overwrite=overwrite)
+        writer: GuardedWriter | None = None
         try:
-            writer = ShardedWriter(out.path, plan.shards)
-            stats = execute(plan, writer, max_memory=budget, progress=not quiet)
+            writer = GuardedWriter(ShardedWriter(out.path, plan.shards), shown_dir=out.final)
+            stats = execute(plan, writer, max_memory=budget, progress=not quiet,  # type: ignore[arg-type]
+                            allow_nonfinite=allow_nonfinite)
             writer.close()
-            writer.write_index()
+            writer.writer.write_index()
             _write_extras(plan, out.path)
+            write_manifest(out.path, plan.shards, pymerge_version=_version())
             final = out.commit()
+        except OSError as e:
+            if writer is not None:
+                writer.abort()
+            out.abort()
+            if e.errno not in DISK_ERRNOS:
+                raise
+            # Shard writes were already reported by GuardedWriter; this is the index, extras or manifest.
+            left = writer.remaining if writer else sum(sh.file_size for sh in plan.shards)
+            raise disk_error(e, _shown_path(e.filename, out), left) from e
         except BaseException:
+            if writer is not None:
+                writer.abort()  # close the shard files before the directory goes
             out.abort()
             raise
     finally:
@@ -114,3 +143,27 @@ def merge(config_or_path: MergeConfig | str | Path | dict, out_dir: str | Path, 
     log.info("wrote %s: %d tensors, %.2f GB in %.2f s", final, report.tensors, report.bytes_written / 1e9,
              report.seconds)
     return report
+
+
+def _shown_path(filename: object, out: AtomicOutputDir) -> Path:
+    """The path to name in an error: a file of the temporary directory under its final name."""
+    if not isinstance(filename, (str, Path)):
+        return out.final
+    p = Path(filename)
+    return out.final / p.relative_to(out.path) if p.is_relative_to(out.path) else p
+
+
+def verify(out_dir: str | Path) -> VerifyReport:
+    """Check a merged output against its ``pymerge_manifest.json`` and return what was checked.
+
+    Every listed file must exist with its recorded size and sha256, no unlisted ``.safetensors`` file may be
+    present, every shard must pass the validating reader with exactly the listed tensors, and the index (if
+    any) must match the shards and their total size. Raises CheckpointError naming the first problem.
+    """
+    return verify_output(out_dir)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

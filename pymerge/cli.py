@@ -1,4 +1,4 @@
-"""The ``pymerge`` command: run, demo, inspect, env. Parses, prints, exits; the work is in the library.
+"""The ``pymerge`` command: run, demo, inspect, verify, env. Parses, prints, exits; the work is in the library.
 
 Errors from bad input print one line ``error: ...`` and exit 1 (2 for usage errors), with the traceback only
 under ``-v``; a failed run leaves no output directory behind (the library writes into a temporary one).
@@ -67,11 +67,14 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random masks (DARE, DELLA).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
 @click.option("--allow-pickle", is_flag=True, help="Read pytorch_model.bin inputs (torch.load weights_only=True).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge inputs holding NaN/Inf (they propagate) instead of stopping with an error.")
+@click.option("--no-space-check", is_flag=True, help="Do not refuse to start when the disk looks too full.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="Log more (-vv: debug); show tracebacks.")
 @_friendly_errors
 def run(config, out_dir, device, backend, max_memory, max_gpu_memory, out_shard_size, seed, overwrite, allow_pickle,
-        quiet, verbose):
+        allow_nonfinite, no_space_check, quiet, verbose):
     """Merge the models CONFIG (a mergekit YAML) names into OUT_DIR."""
     from .api import merge
 
@@ -80,7 +83,8 @@ def run(config, out_dir, device, backend, max_memory, max_gpu_memory, out_shard_
         raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
     report = merge(config, out_dir, device=device, backend=backend, max_memory=max_memory,
                    max_gpu_memory=max_gpu_memory, out_shard_size=out_shard_size, seed=seed, quiet=quiet,
-                   overwrite=overwrite, allow_pickle=allow_pickle)
+                   overwrite=overwrite, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                   check_space=not no_space_check)
     click.echo(f"wrote {report.out_dir}: {report.tensors} tensors in {report.shards} shard(s), "
                f"{report.bytes_written / 1e9:.3f} GB, {report.seconds:.2f} s "
                f"({report.gb_per_s:.2f} GB/s read, backend {report.backend})")
@@ -131,6 +135,32 @@ def inspect(path, allow_pickle, as_json, verbose):
         click.echo(f"{len(rows)} tensors, {params:,} parameters, {total / 1e9:.3f} GB in {len(ck.files())} file(s)")
     finally:
         ck.close()
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--verbose", "-v", count=True)
+def verify(out_dir, as_json, verbose):
+    """Check a merged OUT_DIR against its manifest: files, sizes, sha256, shard headers, index."""
+    from .api import verify as verify_output
+
+    try:
+        report = verify_output(out_dir)
+    except (PymergeError, OSError) as e:
+        if verbose:
+            raise
+        msg = str(e) if isinstance(e, PymergeError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        if as_json:
+            click.echo(json.dumps({"ok": False, "out_dir": str(out_dir), "error": msg}))
+        else:
+            click.echo(f"error: {msg}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "out_dir": report.out_dir, "files": report.files,
+                               "tensors": report.tensors, "bytes": report.bytes}))
+    else:
+        click.echo(f"ok: {report.files} files, {report.tensors} tensors")
 
 
 @main.command()

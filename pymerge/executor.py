@@ -166,6 +166,7 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tenso
             if not resident:
                 buf = loader.load(a, b, buf)
             yield Chunk(a, b, buf)
+        loader.check_finite = False  # every row has now been checked once; later passes re-read the same bytes
 
     for p in range(merge.reduce_passes):
         for chunk in each_chunk():
@@ -177,11 +178,15 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tenso
         stats.bytes_written += out.numel() * itemsize
 
 
-def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: bool = True) -> ExecStats:
-    """Merge every planned tensor into ``writer`` within ``max_memory`` bytes of working memory."""
+def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: bool = True,
+            allow_nonfinite: bool = False) -> ExecStats:
+    """Merge every planned tensor into ``writer`` within ``max_memory`` bytes of working memory.
+
+    Unless ``allow_nonfinite``, a NaN/Inf in any input is a MergeError (raised on the first read of its chunk).
+    """
     stats = ExecStats()
     t0 = time.perf_counter()
-    run_global_passes(plan, max_memory, stats)
+    checked = run_global_passes(plan, max_memory, stats, check_finite=not allow_nonfinite)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -196,7 +201,8 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
                 shape = pt.shape if len(pt.shape) < 2 else (out.shape[0], *pt.shape[1:])
                 writer.write(pt.name, out.reshape(shape).contiguous(), row_start=row_start if len(pt.shape) >= 2 else 0)
 
-            merge_tensor(plan, pt, write, max_memory, stats)
+            with threads_for(pt.job.numel * len(pt.job.inputs)):
+                merge_tensor(plan, pt, write, max_memory, stats, check_finite=not (allow_nonfinite or checked))
             stats.tensors += 1
             if bar is not None:
                 size = sum(plan.checkpoints[m].info(n).nbytes for m, n in pt.sources)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from pymerge.errors import CheckpointError
-from pymerge.io.safetensors_format import TORCH_TO_ST, TensorInfo
+from pymerge.io.safetensors_format import MAX_HEADER_BYTES, TORCH_TO_ST, TensorInfo
 from pymerge.io.safetensors_reader import SafetensorsFile
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -253,9 +253,14 @@ def _check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
 def _read_weight_map(index_path: Path) -> dict[str, str]:
     """The validated ``weight_map`` (tensor name → shard file name) of an index file."""
     try:
+        size = index_path.stat().st_size
+        if size > MAX_HEADER_BYTES:  # real indexes are kilobytes; do not read gigabytes of garbage into memory
+            raise CheckpointError(f"{index_path}: index is {size} bytes, over the {MAX_HEADER_BYTES}-byte limit")
         obj: Any = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{index_path}: cannot read index as JSON: {e}") from e
+    except RecursionError as e:  # arrays/objects nested thousands deep
+        raise CheckpointError(f"{index_path}: index JSON is nested too deeply") from e
     if not isinstance(obj, dict) or "weight_map" not in obj:
         raise CheckpointError(f"{index_path}: index must be a JSON object with a 'weight_map'")
     wm = obj["weight_map"]
@@ -279,9 +284,12 @@ def _safe_shard_path(directory: Path, shard: str, suffix: str, index_path: Path)
     if not shard.endswith(suffix):
         raise CheckpointError(f"{index_path}: shard {shard!r} must end with {suffix}")
     full = directory / shard
-    if not full.is_file():
-        raise CheckpointError(f"{index_path}: shard {shard!r} does not exist in {directory}")
-    resolved = full.resolve()
+    try:
+        if not full.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard!r} does not exist in {directory}")
+        resolved = full.resolve()
+    except (OSError, RuntimeError) as e:  # name too long, permission denied, symlink loop (RuntimeError < 3.13)
+        raise CheckpointError(f"{index_path}: shard {shard!r}: cannot access {full}: {e}") from e
     if not any(resolved.is_relative_to(root) for root in _allowed_roots(directory)):
         raise CheckpointError(
             f"{index_path}: shard {shard!r} resolves to {resolved}, outside the checkpoint directory"

@@ -28,6 +28,8 @@ MAX_HEADER_BYTES = 100_000_000
 
 METADATA_KEY = "__metadata__"
 
+_MAX_TORCH_NUMEL = 2**63 - 1  # torch sizes are int64
+
 
 def _build_dtype_table() -> dict[str, torch.dtype]:
     """Map each safetensors dtype name to its torch dtype, keeping only those this torch build has."""
@@ -168,6 +170,8 @@ def parse_header(raw: bytes, *, path: Path, file_size: int) -> ParsedHeader:
         obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except ValueError as e:  # JSONDecodeError and our duplicate-key error
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from e
+    except RecursionError as e:  # arrays/objects nested thousands deep: the C decoder recurses per level
+        raise CheckpointError(f"{path}: header JSON is nested too deeply to be a safetensors header") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: header must be a JSON object, got {type(obj).__name__}")
 
@@ -216,6 +220,30 @@ def parse_header(raw: bytes, *, path: Path, file_size: int) -> ParsedHeader:
     )
 
 
+def _brief(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a hostile header can hold a million-element shape."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _bounded_numel(shape: list[int]) -> int | None:
+    """The element count of ``shape``, or None when its nonzero dimensions multiply past int64.
+
+    Zero dimensions are skipped for the bound: a zero-size tensor passes the byte-count check whatever its
+    other dimensions are, but torch cannot build a shape beyond int64. Stopping at the bound also keeps a
+    hostile header (millions of huge dimensions) from turning into one enormous big-integer product.
+    """
+    n, empty = 1, False
+    for d in shape:
+        if d == 0:
+            empty = True
+            continue
+        n *= d
+        if n > _MAX_TORCH_NUMEL:
+            return None
+    return 0 if empty else n
+
+
 def _parse_entry(name: str, entry: Any, *, path: Path, data_start: int) -> TensorInfo:
     """Validate one header entry and return its TensorInfo with absolute offsets."""
     where = f"{path}: tensor {name!r}"
@@ -227,11 +255,14 @@ def _parse_entry(name: str, entry: Any, *, path: Path, data_start: int) -> Tenso
     dtype = entry["dtype"]
     if not isinstance(dtype, str) or dtype not in ST_DTYPES:
         raise CheckpointError(
-            f"{where}: unknown or unsupported dtype {dtype!r} (supported: {', '.join(sorted(ST_DTYPES))})"
+            f"{where}: unknown or unsupported dtype {_brief(dtype)} (supported: {', '.join(sorted(ST_DTYPES))})"
         )
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {_brief(shape)}")
+    numel = _bounded_numel(shape)
+    if numel is None:
+        raise CheckpointError(f"{where}: shape {_brief(shape)} is larger than a tensor can be (2**63 - 1 elements)")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -239,15 +270,15 @@ def _parse_entry(name: str, entry: Any, *, path: Path, data_start: int) -> Tenso
         or not all(_is_int(o) and o >= 0 for o in offsets)
     ):
         raise CheckpointError(
-            f"{where}: data_offsets must be [begin, end] of non-negative integers, got {offsets!r}"
+            f"{where}: data_offsets must be [begin, end] of non-negative integers, got {_brief(offsets)}"
         )
     begin, end = offsets
     if begin > end:
         raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] have begin > end")
-    nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
+    nbytes = numel * ST_ITEMSIZE[dtype]
     if end - begin != nbytes:
         raise CheckpointError(
-            f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes but shape {shape} of "
+            f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes but shape {_brief(shape)} of "
             f"{dtype} needs {nbytes}"
         )
     return TensorInfo(

@@ -1,0 +1,101 @@
+"""NaN/Inf in inputs: an error naming tensor, model and count before anything is committed, unless allowed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import pymerge
+from pymerge.cli import main
+from pymerge.errors import MergeError
+
+from ._family import MATRIX, VECTOR, leftovers, linear_config, make_family, poke, ties_config
+
+INF, NAN = math.inf, math.nan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget", [None, 24 * 1024], ids=["resident", "chunked"])
+def test_inf_in_base_and_nan_in_expert_are_named_with_counts(tmp_path, dtype, budget):
+    paths = make_family(tmp_path / "f", dtype=dtype)
+    # Last rows: in the chunked run they are only seen by the last chunk of the first pass.
+    poke(paths[0], MATRIX, {(60, 96): INF, (59, 0): -INF, (60, 3): INF})
+    poke(paths[2], MATRIX, {(60, 95): NAN, (0, 0): NAN})
+    with pytest.raises(MergeError) as ei:
+        pymerge.merge(ties_config(paths), tmp_path / "out", quiet=True, max_memory=budget)
+    msg = str(ei.value)
+    assert f"tensor '{MATRIX}'" in msg
+    assert f"model '{paths[0]}'" in msg and "3 Inf of 5917" in msg
+    assert f"model '{paths[2]}'" in msg and "2 NaN of 5917" in msg
+    assert f"model '{paths[1]}'" not in msg  # the clean expert is not blamed
+    assert "allow_nonfinite" in msg
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_nan_and_inf_in_one_expert_counted_separately(tmp_path):
+    paths = make_family(tmp_path / "f")
+    poke(paths[1], VECTOR, {(0,): NAN, (1,): INF, (2,): -INF, (60,): NAN})
+    with pytest.raises(MergeError, match=r"model '.*m1' \(input tensor 'model.norm.weight': 2 NaN and 2 Inf of 61\)"):
+        pymerge.merge(linear_config(paths), tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_global_trim_checks_in_its_first_pass(tmp_path):
+    paths = make_family(tmp_path / "f")
+    poke(paths[1], MATRIX, {(7, 7): INF})
+    with pytest.raises(MergeError, match=r"tensor 'model.layers.0.mlp.up_proj.weight'.*1 Inf"):
+        pymerge.merge(ties_config(paths, trim_scope="global"), tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("budget", [None, 24 * 1024], ids=["resident", "chunked"])
+def test_allowed_nonfinite_values_propagate_and_the_rest_is_unchanged(tmp_path, budget):
+    paths = make_family(tmp_path / "f")
+    clean = pymerge.merge(linear_config(paths), tmp_path / "clean", quiet=True, max_memory=budget)
+    poke(paths[1], MATRIX, {(3, 4): INF, (60, 96): NAN})
+    poke(paths[2], VECTOR, {(10,): -INF})
+    pymerge.merge(linear_config(paths), tmp_path / "dirty", quiet=True, max_memory=budget, allow_nonfinite=True)
+    assert clean.tensors == 3 and (clean.chunked_tensors > 0) == (budget is not None)
+    a = load_file(str(tmp_path / "clean" / "model.safetensors"))
+    b = load_file(str(tmp_path / "dirty" / "model.safetensors"))
+    assert b[MATRIX][3, 4] == INF and b[MATRIX][60, 96].isnan() and b[VECTOR][10] == -INF
+    for name, poked in ((MATRIX, [(3, 4), (60, 96)]), (VECTOR, [(10,)])):
+        keep = torch.ones_like(a[name], dtype=torch.bool)
+        for idx in poked:
+            keep[idx] = False
+        assert torch.equal(a[name][keep], b[name][keep]), name
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+
+
+def test_cli_flag_and_one_line_error(tmp_path):
+    import yaml
+
+    paths = make_family(tmp_path / "f")
+    poke(paths[0], VECTOR, {(5,): NAN})
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(linear_config(paths)))
+    res = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tensor 'model.norm.weight'") and "1 NaN" in lines[0]
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "-q", "--allow-nonfinite"])
+    assert res.exit_code == 0, res.output
+    assert load_file(str(tmp_path / "out" / "model.safetensors"))[VECTOR][5].isnan()
+
+
+def test_finite_values_whose_sum_overflows_are_not_an_error(tmp_path):
+    # The fast check sums the chunk; a sum overflowing fp32 must fall back to the exact check, not fail.
+    paths = make_family(tmp_path / "f", n_experts=1)
+    big = {(i,): 3e38 for i in range(4)}
+    poke(paths[0], VECTOR, big)
+    poke(paths[1], VECTOR, big)
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in paths]}
+    pymerge.merge(cfg, tmp_path / "out", quiet=True)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))[VECTOR]
+    assert torch.all(out[:4] == torch.tensor(3e38, dtype=torch.float32))
