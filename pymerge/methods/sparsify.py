@@ -88,6 +88,7 @@ class Sparsifier:
         self.scale = [1.0] * len(experts)
         self.thresholds = None
         self._cursor = TieCursor(len(self.selector.ks)) if self.selector else None
+        self._last_mask = None  # ((row_start, shape), mask, tie counts after it)
 
     # --- reduce passes ---
     def start_pass(self) -> None:
@@ -121,7 +122,21 @@ class Sparsifier:
 
     # --- masks ---
     def mask(self, tau: torch.Tensor, row_start: int) -> torch.Tensor:
-        """Boolean keep-mask [n_experts, rows, cols] for one chunk (chunks in row order within a pass)."""
+        """Boolean keep-mask [n_experts, rows, cols] for one chunk (chunks in row order within a pass).
+
+        A chunk's mask is a function of its rows alone (the tie cursor replays the same counts every pass), so
+        the last one is kept: a resident tensor's rescale pass and map pass then draw the masks once.
+        """
+        if self._last_mask is not None and self._last_mask[0] == (row_start, tuple(tau.shape)):
+            m = self._last_mask[1]
+            if self._cursor is not None:  # replay the tie counts this chunk would have consumed
+                self._cursor.seen = list(self._last_mask[2])
+            return m
+        m = self._build_mask(tau, row_start)
+        self._last_mask = ((row_start, tuple(tau.shape)), m, list(self._cursor.seen) if self._cursor else None)
+        return m
+
+    def _build_mask(self, tau: torch.Tensor, row_start: int) -> torch.Tensor:
         n_exp, rows, cols = tau.shape
         flat_start = row_start * cols
         out = torch.ones(tau.shape, dtype=torch.bool)

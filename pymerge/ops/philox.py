@@ -61,18 +61,25 @@ def philox4x32_10(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, .
     return c0, c1, c2, c3
 
 
+# Counters per block of work: keeps the ~10 live int64 temporaries of a round in L2. Measured on 4M elements,
+# one thread: 0.33 s unblocked, 0.23 s at 4096, 0.13 s at 16384 and 65536 counters per block.
+BLOCK_COUNTERS = 1 << 14
+
+
 def random_words(seed: int, model: int, tensor_name: str, start: int, count: int,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """The uint32 words (as int64) for flat elements [start, start+count) of one model's tensor."""
     if count == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
     first_block, last_block = start // 4, (start + count - 1) // 4
-    blocks = torch.arange(first_block, last_block + 1, dtype=torch.int64, device=device)
-    words = philox4x32_10(
-        (blocks & _MASK32, blocks >> 32, model & _MASK32, name_hash(tensor_name)),
-        (seed & _MASK32, (seed >> 32) & _MASK32),
-    )
-    flat = torch.stack(words, dim=1).reshape(-1)
+    key = (seed & _MASK32, (seed >> 32) & _MASK32)
+    h = name_hash(tensor_name)
+    flat = torch.empty((last_block - first_block + 1) * 4, dtype=torch.int64, device=device)
+    for b0 in range(first_block, last_block + 1, BLOCK_COUNTERS):
+        b1 = min(b0 + BLOCK_COUNTERS, last_block + 1)
+        blocks = torch.arange(b0, b1, dtype=torch.int64, device=device)
+        words = philox4x32_10((blocks & _MASK32, blocks >> 32, model & _MASK32, h), key)
+        flat[(b0 - first_block) * 4:(b1 - first_block) * 4] = torch.stack(words, dim=1).reshape(-1)
     offset = start - first_block * 4
     return flat[offset:offset + count]
 
