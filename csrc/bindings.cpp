@@ -14,6 +14,8 @@
 
 #include "pymerge/cpu_kernels.h"
 #include "pymerge/dtype.h"
+#include "pymerge/philox.h"
+#include "pymerge/radix_select.h"
 #if defined(PYMERGE_WITH_CUDA)
 #include "pymerge/cuda_kernels.h"
 #endif
@@ -129,6 +131,184 @@ WeightedSumArgs check_weighted_sum(const std::vector<int64_t>& input_ptrs, int i
   return a;
 }
 
+// ---- Philox, radix histograms, TIES map ----
+
+uint32_t checked_u32(int64_t v, const char* what) {
+  if (v < 0 || v > int64_t(0xFFFFFFFFu)) {
+    fail(std::string(what) + ": must be in [0, 2^32), got " + std::to_string(v));
+  }
+  return static_cast<uint32_t>(v);
+}
+
+void check_stream_range(int64_t start, int64_t count) {
+  if (start < 0) fail("start: first element must be >= 0, got " + std::to_string(start));
+  if (count < 0) fail("count: element count must be >= 0, got " + std::to_string(count));
+  if (count > std::numeric_limits<int64_t>::max() / 4 - start) {
+    fail("start + count: " + std::to_string(start) + " + " + std::to_string(count) + " is too large");
+  }
+}
+
+// Pointers of k inputs of n elements of `dtype`, none of which may overlap `out` (out_bytes long).
+std::vector<const void*> checked_inputs(const std::vector<int64_t>& ptrs, const char* name, DType dtype,
+                                        int64_t n, uintptr_t out, int64_t out_bytes, const char* out_name) {
+  std::vector<const void*> inputs;
+  for (size_t j = 0; j < ptrs.size(); ++j) {
+    const std::string what = std::string(name) + "[" + std::to_string(j) + "]";
+    const uintptr_t p = checked_pointer(ptrs[j], n, what);
+    if (overlaps(p, n * pymerge::dtype_size(dtype), out, out_bytes)) {
+      fail(what + ": overlaps " + out_name + "; it must be a separate buffer");
+    }
+    inputs.push_back(reinterpret_cast<const void*>(p));
+  }
+  return inputs;
+}
+
+struct RadixHistArgs {
+  std::vector<const void*> inputs;
+  const void* base;
+  DType dtype;
+  int64_t* hist;
+};
+
+RadixHistArgs check_radix_hist(const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, int64_t hist_ptr,
+                               int64_t base_ptr) {
+  check_count(n);
+  if (x_ptrs.empty()) fail("x_ptrs: at least one input is required");
+  RadixHistArgs a;
+  a.dtype = checked_dtype(dtype, "dtype");
+  check_bytes(n, a.dtype, "x");
+  const int64_t hist_bytes = int64_t(x_ptrs.size()) * pymerge::radix::kBins * int64_t(sizeof(int64_t));
+  const uintptr_t hist = checked_pointer(hist_ptr, 1, "hist_ptr");
+  if (hist % alignof(int64_t) != 0) fail("hist_ptr: must be 8-byte aligned (an int64 buffer)");
+  a.inputs = checked_inputs(x_ptrs, "x_ptrs", a.dtype, n, hist, hist_bytes, "the histogram buffer");
+  a.base = nullptr;  // 0: histogram the inputs themselves
+  if (base_ptr != 0) {
+    const uintptr_t base = checked_pointer(base_ptr, n, "base_ptr");
+    if (overlaps(base, n * pymerge::dtype_size(a.dtype), hist, hist_bytes)) {
+      fail("base_ptr: overlaps the histogram buffer; it must be a separate buffer");
+    }
+    a.base = reinterpret_cast<const void*>(base);
+  }
+  a.hist = reinterpret_cast<int64_t*>(hist);
+  return a;
+}
+
+// Per-expert arrays of a TIES call, each one value per expert.
+void check_per_expert(size_t k, size_t got, const char* what) {
+  if (got != k) {
+    fail(std::string(what) + ": got " + std::to_string(got) + " values for " + std::to_string(k) +
+         " experts (one per expert)");
+  }
+}
+
+std::vector<int32_t> checked_thresh_keys(const std::vector<int64_t>& keys) {
+  std::vector<int32_t> out;
+  for (size_t j = 0; j < keys.size(); ++j) {
+    if (keys[j] < pymerge::radix::kKeepAll || keys[j] > pymerge::radix::kKeepNone) {
+      fail("thresh_keys[" + std::to_string(j) + "]: must be a magnitude key in [-1, 2^31 - 1], got " +
+           std::to_string(keys[j]));
+    }
+    out.push_back(static_cast<int32_t>(keys[j]));
+  }
+  return out;
+}
+
+struct TieCutoffArgs {
+  const void* base;
+  std::vector<const void*> experts;
+  DType dtype;
+  std::vector<int32_t> thresh_keys;
+  std::vector<int64_t> tie_budgets;
+};
+
+TieCutoffArgs check_tie_cutoffs(int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int dtype, int64_t n,
+                                const std::vector<int64_t>& thresh_keys, const std::vector<int64_t>& tie_budgets) {
+  check_count(n);
+  const size_t k = expert_ptrs.size();
+  if (k == 0) fail("expert_ptrs: at least one expert is required");
+  check_per_expert(k, thresh_keys.size(), "thresh_keys");
+  check_per_expert(k, tie_budgets.size(), "tie_budgets");
+  TieCutoffArgs a;
+  a.dtype = checked_dtype(dtype, "dtype");
+  check_bytes(n, a.dtype, "inputs");
+  a.base = reinterpret_cast<const void*>(checked_pointer(base_ptr, n, "base_ptr"));
+  for (size_t j = 0; j < k; ++j) {
+    a.experts.push_back(
+        reinterpret_cast<const void*>(checked_pointer(expert_ptrs[j], n, "expert_ptrs[" + std::to_string(j) + "]")));
+  }
+  a.thresh_keys = checked_thresh_keys(thresh_keys);
+  for (size_t j = 0; j < k; ++j) {
+    const std::string what = "tie_budgets[" + std::to_string(j) + "]";
+    if (tie_budgets[j] < -1) {
+      fail(what + ": must be >= 0, or -1 to keep every tie, got " + std::to_string(tie_budgets[j]));
+    }
+    if (tie_budgets[j] > 0 && (a.thresh_keys[j] < 0 || a.thresh_keys[j] == pymerge::radix::kKeepNone)) {
+      fail(what + ": a tie budget needs a real threshold key, got key " + std::to_string(a.thresh_keys[j]));
+    }
+  }
+  a.tie_budgets = tie_budgets;
+  return a;
+}
+
+struct TiesMapArgs {
+  const void* base;
+  std::vector<const void*> experts;
+  DType in_dtype;
+  std::vector<float> weights;
+  std::vector<int32_t> thresh_keys;
+  float lambda;
+  void* out;
+  DType out_dtype;
+};
+
+TiesMapArgs check_ties_map(int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
+                           const std::vector<double>& weights, const std::vector<int64_t>& thresh_keys,
+                           const std::vector<int64_t>& tie_cutoffs, double lambda, int64_t out_ptr,
+                           int out_dtype) {
+  check_count(n);
+  const size_t k = expert_ptrs.size();
+  if (k == 0) fail("expert_ptrs: at least one expert is required");
+  check_per_expert(k, weights.size(), "weights");
+  check_per_expert(k, thresh_keys.size(), "thresh_keys");
+  check_per_expert(k, tie_cutoffs.size(), "tie_cutoffs");
+  TiesMapArgs a;
+  a.in_dtype = checked_dtype(in_dtype, "in_dtype");
+  a.out_dtype = checked_dtype(out_dtype, "out_dtype");
+  check_bytes(n, a.in_dtype, "inputs");
+  check_bytes(n, a.out_dtype, "out");
+  const uintptr_t out = checked_pointer(out_ptr, n, "out_ptr");
+  const int64_t in_bytes = n * pymerge::dtype_size(a.in_dtype);
+  const int64_t out_bytes = n * pymerge::dtype_size(a.out_dtype);
+  // Element i of out is written after every input's element i is read, by the thread that read them: out
+  // may be exactly one of the inputs (same dtype), never a shifted view of one.
+  const auto check_input = [&](int64_t ptr, const std::string& what) {
+    const uintptr_t p = checked_pointer(ptr, n, what);
+    const bool in_place = p == out && a.in_dtype == a.out_dtype;
+    if (!in_place && overlaps(p, in_bytes, out, out_bytes)) {
+      fail(what + ": overlaps the output buffer; the output must be separate (or exactly an input of the "
+                  "same dtype)");
+    }
+    return reinterpret_cast<const void*>(p);
+  };
+  a.base = check_input(base_ptr, "base_ptr");
+  for (size_t j = 0; j < k; ++j) {
+    const std::string index = "[" + std::to_string(j) + "]";
+    a.experts.push_back(check_input(expert_ptrs[j], "expert_ptrs" + index));
+    const float w = static_cast<float>(weights[j]);
+    if (!std::isfinite(weights[j]) || !std::isfinite(w)) {
+      fail("weights" + index + ": must be finite in float32, got " + std::to_string(weights[j]));
+    }
+    a.weights.push_back(w);
+  }
+  a.thresh_keys = checked_thresh_keys(thresh_keys);
+  a.lambda = static_cast<float>(lambda);
+  if (!std::isfinite(lambda) || !std::isfinite(a.lambda)) {
+    fail("lambda_: must be finite in float32, got " + std::to_string(lambda));
+  }
+  a.out = reinterpret_cast<void*>(out);
+  return a;
+}
+
 py::dict build_info() {
   py::dict info;
 #if defined(PYMERGE_WITH_CUDA)
@@ -213,6 +393,122 @@ PYBIND11_MODULE(_C, m) {
       py::arg("input_ptrs"), py::arg("in_dtype"), py::arg("weights"), py::arg("out_ptr"), py::arg("out_dtype"),
       py::arg("n"), py::arg("normalize"),
       "out[i] = out_dtype(sum_j w[j] * x_j[i] [/ sum_j w[j]]), fp32 math in input order (CPU memory).");
+
+  m.def(
+      "philox4x32_10",
+      [](const std::vector<int64_t>& counter, const std::vector<int64_t>& key) {
+        if (counter.size() != 4) fail("counter: expected 4 words, got " + std::to_string(counter.size()));
+        if (key.size() != 2) fail("key: expected 2 words, got " + std::to_string(key.size()));
+        const pymerge::philox::Words w = pymerge::philox::philox4x32_10(
+            {checked_u32(counter[0], "counter[0]"), checked_u32(counter[1], "counter[1]"),
+             checked_u32(counter[2], "counter[2]"), checked_u32(counter[3], "counter[3]")},
+            checked_u32(key[0], "key[0]"), checked_u32(key[1], "key[1]"));
+        return std::vector<int64_t>{w.x0, w.x1, w.x2, w.x3};
+      },
+      py::arg("counter"), py::arg("key"),
+      "The four output words of Philox4x32-10 for one counter (4 words) and key (2 words).");
+
+  m.def(
+      "philox_uniform24",
+      [](uint64_t seed, int64_t model, int64_t name_hash, int64_t start, int64_t count, int64_t out_ptr) {
+        const uint32_t mdl = checked_u32(model, "model");
+        const uint32_t hash = checked_u32(name_hash, "name_hash");
+        check_stream_range(start, count);
+        auto* out = reinterpret_cast<uint32_t*>(checked_pointer(out_ptr, count, "out_ptr"));
+        py::gil_scoped_release release;
+        pymerge::cpu::philox_uniform24(seed, mdl, hash, start, count, out);
+      },
+      py::arg("seed"), py::arg("model"), py::arg("name_hash"), py::arg("start"), py::arg("count"),
+      py::arg("out_ptr"),
+      "out[i] = Philox word of element start + i >> 8 (uint32 buffer of count elements, CPU memory).");
+
+  m.def(
+      "philox_keep_mask",
+      [](uint64_t seed, int64_t model, int64_t name_hash, int64_t start, int64_t count, double prob,
+         int64_t out_ptr) {
+        const uint32_t mdl = checked_u32(model, "model");
+        const uint32_t hash = checked_u32(name_hash, "name_hash");
+        check_stream_range(start, count);
+        if (std::isnan(prob)) fail("prob: must be a probability, got NaN");
+        auto* out = reinterpret_cast<uint8_t*>(checked_pointer(out_ptr, count, "out_ptr"));
+        py::gil_scoped_release release;
+        pymerge::cpu::philox_keep_mask(seed, mdl, hash, start, count, static_cast<float>(prob), out);
+      },
+      py::arg("seed"), py::arg("model"), py::arg("name_hash"), py::arg("start"), py::arg("count"),
+      py::arg("prob"), py::arg("out_ptr"),
+      "out[i] = 1 if float(word >> 8) < float32(prob) * 2^24 else 0 (uint8 buffer, CPU memory).");
+
+  m.def(
+      "radix_hist_hi",
+      [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, int64_t hist_ptr, int64_t base_ptr) {
+        const RadixHistArgs a = check_radix_hist(x_ptrs, dtype, n, hist_ptr, base_ptr);
+        py::gil_scoped_release release;
+        pymerge::cpu::radix_hist(a.inputs.data(), int64_t(a.inputs.size()), a.base, a.dtype, n, nullptr,
+                                 a.hist);
+      },
+      py::arg("x_ptrs"), py::arg("dtype"), py::arg("n"), py::arg("hist_ptr"), py::arg("base_ptr") = 0,
+      "hist[j, key >> 16] += 1 for key = fp32 bits of |x_j[i] (- base[i])| (int64 [len(x_ptrs), 65536]).");
+
+  m.def(
+      "radix_hist_lo",
+      [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, const std::vector<int64_t>& hi_bins,
+         int64_t hist_ptr, int64_t base_ptr) {
+        const RadixHistArgs a = check_radix_hist(x_ptrs, dtype, n, hist_ptr, base_ptr);
+        if (hi_bins.size() != x_ptrs.size()) {
+          fail("hi_bins: got " + std::to_string(hi_bins.size()) + " bins for " + std::to_string(x_ptrs.size()) +
+               " inputs (one per input)");
+        }
+        std::vector<int32_t> bins;
+        for (size_t j = 0; j < hi_bins.size(); ++j) {
+          if (hi_bins[j] < 0 || hi_bins[j] >= pymerge::radix::kBins) {
+            fail("hi_bins[" + std::to_string(j) + "]: must be in [0, 65536), got " + std::to_string(hi_bins[j]));
+          }
+          bins.push_back(static_cast<int32_t>(hi_bins[j]));
+        }
+        py::gil_scoped_release release;
+        pymerge::cpu::radix_hist(a.inputs.data(), int64_t(a.inputs.size()), a.base, a.dtype, n, bins.data(),
+                                 a.hist);
+      },
+      py::arg("x_ptrs"), py::arg("dtype"), py::arg("n"), py::arg("hi_bins"), py::arg("hist_ptr"),
+      py::arg("base_ptr") = 0,
+      "hist[j, key & 0xFFFF] += 1 for the keys with key >> 16 == hi_bins[j] (int64 [len(x_ptrs), 65536]).");
+
+  m.def(
+      "tie_cutoffs",
+      [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int dtype, int64_t n,
+         const std::vector<int64_t>& thresh_keys, const std::vector<int64_t>& tie_budgets) {
+        TieCutoffArgs a = check_tie_cutoffs(base_ptr, expert_ptrs, dtype, n, thresh_keys, tie_budgets);
+        std::vector<int64_t> cutoffs(a.experts.size(), 0);
+        {
+          py::gil_scoped_release release;
+          pymerge::cpu::tie_cutoffs(a.base, a.experts.data(), int64_t(a.experts.size()), a.dtype, n,
+                                    a.thresh_keys.data(), a.tie_budgets.data(), cutoffs.data());
+        }
+        return py::make_tuple(cutoffs, a.tie_budgets);
+      },
+      py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("dtype"), py::arg("n"), py::arg("thresh_keys"),
+      py::arg("tie_budgets"),
+      "(cutoffs, budgets left): the flat index of each expert's budget-th threshold tie (-1: none kept, n: all "
+      "of them), and what a following chunk may still keep (contract in cpu_kernels.h).");
+
+  m.def(
+      "ties_map",
+      [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
+         const std::vector<double>& weights, const std::vector<int64_t>& thresh_keys,
+         const std::vector<int64_t>& tie_cutoffs, double lambda, bool normalize, int64_t out_ptr,
+         int out_dtype) {
+        const TiesMapArgs a = check_ties_map(base_ptr, expert_ptrs, in_dtype, n, weights, thresh_keys,
+                                             tie_cutoffs, lambda, out_ptr, out_dtype);
+        py::gil_scoped_release release;
+        pymerge::cpu::ties_map(a.base, a.experts.data(), int64_t(a.experts.size()), a.in_dtype, n,
+                               a.weights.data(), a.thresh_keys.data(), tie_cutoffs.data(), a.lambda, normalize,
+                               a.out, a.out_dtype);
+      },
+      py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("weights"),
+      py::arg("thresh_keys"), py::arg("tie_cutoffs"), py::arg("lambda_"), py::arg("normalize"),
+      py::arg("out_ptr"), py::arg("out_dtype"),
+      "TIES trim/elect/disjoint-mean map (formula in cpu_kernels.h): keeps key > T, and key == T at flat "
+      "index <= the expert's tie cutoff.");
 
 #if defined(PYMERGE_WITH_CUDA)
   m.def(

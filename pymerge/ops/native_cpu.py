@@ -100,3 +100,224 @@ def weighted_sum(
         [x.data_ptr() for x in xs], in_code, ws, out.data_ptr(), out_code, out.numel(), bool(normalize)
     )
     return out
+
+
+# ---- Philox random stream (pymerge/ops/philox.py is the twin and states the contract) ----
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> tuple[int, int, int, int]:
+    """The four output words of Philox4x32-10 for a 4-word counter and a 2-word key (each word < 2**32)."""
+    native = require_native("the native Philox generator")
+    return tuple(native.philox4x32_10([int(c) for c in counter], [int(k) for k in key]))  # type: ignore[return-value]
+
+
+def philox_uniform24(seed: int, model: int, tensor_name: str, start: int, count: int) -> torch.Tensor:
+    """u24[i] = word(seed, model, tensor_name, start + i) >> 8: the 24-bit uniforms of flat elements
+    [start, start + count) as an int32 tensor (uniform = u24 * 2**-24).
+
+    Bit-identical to ``pymerge.ops.philox.random_words(...) >> 8`` (same key, counter and element layout).
+    """
+    from .philox import name_hash
+
+    native = require_native("the native Philox generator")
+    out = torch.empty(int(count), dtype=torch.int32)
+    native.philox_uniform24(int(seed) & _MASK64, int(model) & _MASK32, name_hash(tensor_name), int(start),
+                            int(count), out.data_ptr())
+    return out
+
+
+def philox_keep_mask(seed: int, model: int, tensor_name: str, start: int, count: int, prob: float) -> torch.Tensor:
+    """keep[i] = float32(u24[i]) < float32(prob) * 2**24 (Bernoulli(prob)) for flat elements [start, start+count).
+
+    Bit-identical to ``pymerge.ops.philox.keep_mask`` with a scalar ``prob`` (per-element probabilities are not
+    implemented natively yet). Returns a bool tensor of ``count`` elements.
+    """
+    from .philox import name_hash
+
+    if isinstance(prob, torch.Tensor):
+        raise TypeError("prob: the native keep-mask takes one float probability, got a tensor")
+    native = require_native("the native Philox generator")
+    out = torch.empty(int(count), dtype=torch.bool)  # one byte per element, 0 or 1: what the kernel writes
+    native.philox_keep_mask(int(seed) & _MASK64, int(model) & _MASK32, name_hash(tensor_name), int(start),
+                            int(count), float(prob), out.data_ptr())
+    return out
+
+
+# ---- Radix histograms of magnitude keys (pymerge/ops/select.py is the twin) ----
+
+RADIX_BINS = 1 << 16
+
+
+def _check_same(xs: Sequence[torch.Tensor], what: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference tensor (``like`` or ``xs[0]``), after checking every tensor matches its shape and dtype."""
+    if isinstance(xs, torch.Tensor) or len(xs) == 0:
+        raise ValueError(f"{what}: expected a non-empty list of tensors")
+    first = check_tensor(xs[0] if like is None else like, f"{what}[0]" if like is None else "base", "cpu")
+    dtype_code(first.dtype, what)
+    for j, x in enumerate(xs):
+        check_tensor(x, f"{what}[{j}]", "cpu")
+        if x.shape != first.shape or x.dtype != first.dtype:
+            ref = f"{what}[0]" if like is None else "base"
+            raise ValueError(f"{what}[{j}]: {tuple(x.shape)} {x.dtype} differs from {ref}: "
+                             f"{tuple(first.shape)} {first.dtype}")
+    return first
+
+
+def _hist_buffer(hist: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    if hist is None:
+        return torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
+    check_tensor(hist, "hist", "cpu")
+    if hist.dtype != torch.int64 or tuple(hist.shape) != (rows, RADIX_BINS):
+        raise ValueError(f"hist: expected an int64 tensor of shape ({rows}, {RADIX_BINS}), "
+                         f"got {hist.dtype} {tuple(hist.shape)}")
+    return hist
+
+
+def radix_hist_hi(xs: Sequence[torch.Tensor], *, base: Optional[torch.Tensor] = None,
+                  hist: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """hist[j, b] += #{i : key_j[i] >> 16 == b}, key_j = fp32 bits of |xs[j] - base| (or |xs[j]| without base).
+
+    The difference is taken in fp32 after widening. Equals ``torch.bincount(magnitude_keys(x) >> 16)`` row by
+    row. ``hist`` (int64, [len(xs), 65536]) is accumulated into when given, else a zeroed one is returned.
+    For bfloat16 without a base every key's low 16 bits are 0 (the hi histogram alone decides the threshold).
+    """
+    native = require_native("the native radix histogram")
+    first = _check_same(xs, "xs", base)
+    out = _hist_buffer(hist, len(xs))
+    native.radix_hist_hi([x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel(),
+                         out.data_ptr(), 0 if base is None else base.data_ptr())
+    return out
+
+
+def radix_hist_lo(xs: Sequence[torch.Tensor], hi_bins: Sequence[int], *, base: Optional[torch.Tensor] = None,
+                  hist: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """hist[j, key & 0xFFFF] += 1 for the keys of xs[j] (as in ``radix_hist_hi``) with key >> 16 == hi_bins[j]."""
+    native = require_native("the native radix histogram")
+    first = _check_same(xs, "xs", base)
+    if len(hi_bins) != len(xs):
+        raise ValueError(f"hi_bins: got {len(hi_bins)} bins for {len(xs)} tensors (one per tensor)")
+    out = _hist_buffer(hist, len(xs))
+    native.radix_hist_lo([x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel(),
+                         [int(b) for b in hi_bins], out.data_ptr(), 0 if base is None else base.data_ptr())
+    return out
+
+
+# ---- TIES (pymerge/methods/task_arithmetic.py with the magnitude sparsifier is the twin) ----
+
+def topk_count(density: float, n: int) -> int:
+    """Elements the magnitude trim keeps of n at ``density`` (the Sparsifier's rule): all when d >= 1, none when
+    d <= 0, else max(1, int(d * n))."""
+    if density >= 1:
+        return n
+    return 0 if density <= 0 or n == 0 else max(1, int(density * n))
+
+
+def tie_budget(th) -> int:
+    """The ``ties_map`` tie budget of a ``pymerge.ops.select.Threshold``: -1 keeps every tie, else how many."""
+    return -1 if th.keep_all_ties else int(th.ties)
+
+
+def ties_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float]) -> list:
+    """Exact magnitude thresholds of each task vector experts[j] - base (fp32) for its top-``density`` trim.
+
+    Two native histogram passes (hi, then lo within the k-th key's bin) over every expert that needs one.
+    Returns one ``pymerge.ops.select.Threshold`` per expert, the same key and ties as ``TopKSelector``; it is
+    marked ``keep_all_ties`` when the kept ties are all the elements equal to the key (no flat-order cursor
+    needed then).
+    """
+    from .select import Threshold, _walk_down
+
+    _check_same(experts, "experts", base)
+    if len(densities) != len(experts):
+        raise ValueError(f"densities: got {len(densities)} densities for {len(experts)} experts")
+    n = base.numel()
+    ks = []
+    for j, d in enumerate(densities):
+        if not d >= 0:
+            raise ValueError(f"densities[{j}]: must be >= 0, got {d}")
+        ks.append(topk_count(float(d), n))
+    out: list = [Threshold(key=2**31 - 1, ties=0) if k <= 0 else Threshold(key=-1, ties=0) for k in ks]
+    todo = [j for j, k in enumerate(ks) if 0 < k < n]
+    if not todo:
+        return out
+    xs = [experts[j] for j in todo]
+    hist_hi = radix_hist_hi(xs, base=base)
+    hi = [_walk_down(hist_hi[r], ks[j]) for r, j in enumerate(todo)]
+    hist_lo = radix_hist_lo(xs, [b for b, _ in hi], base=base)
+    for r, j in enumerate(todo):
+        need = ks[j] - hi[r][1]
+        lo, above_lo = _walk_down(hist_lo[r], need)
+        ties = need - above_lo
+        out[j] = Threshold(key=(hi[r][0] << 16) | lo, ties=ties, keep_all_ties=ties == int(hist_lo[r, lo]))
+    return out
+
+
+def tie_cutoffs(base: torch.Tensor, experts: Sequence[torch.Tensor], thresh_keys: Sequence[int],
+                tie_budgets: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(cutoffs, budgets left): per expert, the flat index of the tie_budgets[j]-th element (flat order) whose
+    key |experts[j] - base| (fp32 bits) equals thresh_keys[j], so that "keep the first budget ties" becomes
+    "keep the ties at index <= cutoff".
+
+    A budget of -1 (keep every tie) gives cutoff n and stays -1; 0 gives -1. When the tensor holds fewer ties
+    than the budget, the cutoff is n and the budget left is what a following chunk may still keep; otherwise
+    the budget left is 0. The scan stops at the last cutoff found.
+    """
+    native = require_native("the native CPU TIES tie cutoffs")
+    _check_same(experts, "experts", base)
+    k = len(experts)
+    for what, values in (("thresh_keys", thresh_keys), ("tie_budgets", tie_budgets)):
+        if len(values) != k:
+            raise ValueError(f"{what}: got {len(values)} values for {k} experts (one per expert)")
+    cutoffs, left = native.tie_cutoffs(base.data_ptr(), [x.data_ptr() for x in experts],
+                                       dtype_code(base.dtype, "base"), base.numel(), [int(t) for t in thresh_keys],
+                                       [int(b) for b in tie_budgets])
+    return list(cutoffs), list(left)
+
+
+def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float],
+             thresh_keys: Sequence[int], tie_cutoffs: Sequence[int], *, lambda_: float = 1.0,
+             normalize: bool = True, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """out = out_dtype(base + lambda * [normalized] disjoint mean of the sign-agreeing trimmed, weighted task
+    vectors), in one fused pass.
+
+    Per element i, in fp32 with each operation rounded: t_j = x_j - base; keep_j = key(t_j) > T_j, or
+    key(t_j) == T_j and i <= tie_cutoffs[j]; d_j = t_j * keep_j * w_j; gamma = +1 if d_0 + d_1 + ... >= 0
+    else -1; a_j = sgn(d_j) == gamma; mixed = sum_j d_j a_j, divisor = sum_j w_j a_j (0 -> 1), both in expert
+    order; r = mixed / divisor if normalize; r *= lambda; out = base + r, cast with round to nearest even.
+    Bit-identical to the torch TIES of ``pymerge.ops.merge_tensors("ties", ...)`` given that method's
+    thresholds (``tie_cutoffs`` turns its tie counts into cutoffs). ``out_dtype`` defaults to base's dtype.
+    """
+    native = require_native("the native CPU TIES map")
+    _check_same(experts, "experts", base)
+    k = len(experts)
+    for what, values in (("weights", weights), ("thresh_keys", thresh_keys), ("tie_cutoffs", tie_cutoffs)):
+        if len(values) != k:
+            raise ValueError(f"{what}: got {len(values)} values for {k} experts (one per expert)")
+    in_code = dtype_code(base.dtype, "base")
+    out_dtype = base.dtype if out_dtype is None else out_dtype
+    out_code = dtype_code(out_dtype, "out_dtype")
+    out = torch.empty(base.shape, dtype=out_dtype)
+    native.ties_map(base.data_ptr(), [x.data_ptr() for x in experts], in_code, base.numel(),
+                    [float(w) for w in weights], [int(t) for t in thresh_keys], [int(c) for c in tie_cutoffs],
+                    float(lambda_), bool(normalize), out.data_ptr(), out_code)
+    return out
+
+
+def ties_tensor(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float],
+                densities: Sequence[float], *, lambda_: float = 1.0, normalize: bool = True,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """TIES merge of one in-memory tensor (mergekit semantics, consensus by weighted sum, no rescale):
+    per-expert exact top-``density`` trim of |x_j - base|, sign election, disjoint mean, lambda, + base.
+
+    Two native histogram passes find the thresholds (``ties_thresholds``), a partial scan places the tie
+    cutoffs when some ties must be split by flat index (``tie_cutoffs``), and one ``ties_map`` pass writes the
+    output. Equals ``pymerge.ops.merge_tensors("ties", [base, *experts], ...).to(out_dtype)`` bit for bit.
+    """
+    thresholds = ties_thresholds(base, experts, densities)
+    keys = [th.key for th in thresholds]
+    cutoffs, _ = tie_cutoffs(base, experts, keys, [tie_budget(th) for th in thresholds])
+    return ties_map(base, experts, weights, keys, cutoffs, lambda_=lambda_, normalize=normalize,
+                    out_dtype=out_dtype)

@@ -19,6 +19,60 @@ void cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t 
 void weighted_sum(const void* const* inputs, const float* weights, int64_t k, DType in_dtype, void* out,
                   DType out_dtype, int64_t n, bool normalize, float weight_sum);
 
+// ---- Philox random stream (philox.h has the contract) ----
+
+// out[i] = (word of flat element start + i) >> 8 for i < count: the 24-bit uniforms of one model's tensor.
+// Pre: start >= 0; count >= 0; out non-null when count > 0.
+void philox_uniform24(uint64_t seed, uint32_t model, uint32_t name_hash, int64_t start, int64_t count,
+                      uint32_t* out);
+
+// out[i] = 1 if float(word >> 8) < prob * 2^24 else 0 (fp32 compare) for flat elements start + i, i < count.
+// Pre: as philox_uniform24.
+void philox_keep_mask(uint64_t seed, uint32_t model, uint32_t name_hash, int64_t start, int64_t count,
+                      float prob, uint8_t* out);
+
+// ---- Radix histograms of magnitude keys (radix_select.h) ----
+
+// For each input j < k, with key_j[i] = magnitude_key(widen(xs[j][i]) [- widen(base[i]) when base != null],
+// the difference in fp32):
+//   hi pass (hi_bins == nullptr): hist[j * 65536 + (key >> 16)] += 1 for every i < n;
+//   lo pass: hist[j * 65536 + (key & 0xFFFF)] += 1 for the i whose key >> 16 == hi_bins[j].
+// Counts are added to what hist holds. Per-thread private histograms, merged at the end: the result does not
+// depend on the thread count. Pre: k >= 1; n >= 0; xs[j] (and base) non-null when n > 0, all of `dtype`;
+// hist holds k * 65536 int64; 0 <= hi_bins[j] < 65536.
+void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype, int64_t n,
+                const int32_t* hi_bins, int64_t* hist);
+
+// ---- TIES map (trim, elect, disjoint mean) ----
+
+// Where each expert's tie budget ends: "keep the first tie_budgets[j] elements whose task-vector key
+// magnitude_key(widen(experts[j][i]) - widen(base[i])) equals thresh_keys[j], in flat order" becomes "keep the
+// ties at i <= cutoffs[j]", which ties_map applies without any running state. Per expert j:
+//   tie_budgets[j] < 0 (keep every tie): cutoffs[j] = n, the budget stays < 0;
+//   tie_budgets[j] == 0: cutoffs[j] = -1;
+//   else, if the budget-th tie is at index i: cutoffs[j] = i and tie_budgets[j] = 0; if [0, n) holds only
+//   c < budget ties: cutoffs[j] = n and tie_budgets[j] -= c (what a following chunk may still keep).
+// The scan reads the inputs in parallel waves and stops at the last cutoff found; exact counts make the
+// result independent of the thread count. Pre: k >= 1; n >= 0; pointers non-null when n > 0; a positive
+// budget comes with a threshold key in [0, 2^31 - 1).
+void tie_cutoffs(const void* base, const void* const* experts, int64_t k, DType dtype, int64_t n,
+                 const int32_t* thresh_keys, int64_t* tie_budgets, int64_t* cutoffs);
+
+// One fused pass over i < n, fp32 math with every operation rounded separately (no FMA):
+//   t_j  = widen(x_j[i]) - widen(base[i]);  key_j = magnitude_key(t_j)
+//   keep_j = key_j > T_j, or key_j == T_j and i <= cutoffs[j]         (T_j = thresh_keys[j])
+//   d_j  = (t_j * keep_j) * w_j                     (keep as 1.0f / 0.0f)
+//   s    = d_0 + d_1 + ... (in order);  gamma = s >= 0 ? +1 : -1;  a_j = sgn(d_j) == gamma (1.0f / 0.0f)
+//   m    = d_0 * a_0 + d_1 * a_1 + ...;  v = w_0 * a_0 + w_1 * a_1 + ...  (in order; v == 0 -> 1)
+//   r    = normalize ? m / v : m;  r = r * lambda (skipped when lambda == 1);  out[i] = narrow(base + r)
+// The sums start from their first term, not from 0, so -0 survives as in the torch twin. Any cutoff is
+// valid: < 0 keeps no tie, >= n - 1 keeps all. Pre: k >= 1; n >= 0; pointers non-null when n > 0;
+// -1 <= thresh_keys[j] <= 2^31 - 1; weights and lambda finite; out overlaps no input except by being
+// exactly base or an expert with in_dtype == out_dtype.
+void ties_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
+              const float* weights, const int32_t* thresh_keys, const int64_t* cutoffs, float lambda,
+              bool normalize, void* out, DType out_dtype);
+
 // Number of threads the OpenMP kernels use (1 without OpenMP).
 int max_threads();
 

@@ -1,0 +1,114 @@
+// CPU radix histograms of magnitude keys (radix_select.h), for the exact top-k thresholds of TIES and the
+// other magnitude sparsifiers. Every thread counts its blocks into private uint32 histograms, added into the
+// caller's int64 histograms at the end: integer sums, so the result is independent of the thread count.
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "pymerge/cpu_kernels.h"
+#include "pymerge/cpu_parallel.h"
+#include "pymerge/dtype.h"
+#include "pymerge/radix_select.h"
+
+#if defined(PYMERGE_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+namespace pymerge::cpu {
+namespace {
+
+// Keys are computed for a tile first (a loop the compiler vectorizes), then counted (a scatter it cannot).
+constexpr int64_t kTile = 1024;
+constexpr int64_t kGroup = 32;
+
+// A private uint32 bin could overflow after 2^32 elements: flush to int64 well before that.
+constexpr int64_t kFlushEvery = (int64_t(std::numeric_limits<uint32_t>::max()) / kParallelBlock) - 1;
+
+template <DType S, bool kTau, typename Count>
+void hist_range(const void* x_ptr, const void* base_ptr, int64_t begin, int64_t end, int32_t hi_bin,
+                Count* hist) {
+  using T = typename DTypeTraits<S>::storage;
+  const T* __restrict x = static_cast<const T*>(x_ptr);
+  const T* __restrict base = static_cast<const T*>(base_ptr);
+  uint32_t keys[kTile];
+  for (int64_t t = begin; t < end; t += kTile) {
+    const int64_t m = std::min(kTile, end - t);
+    if (kTau) {
+      for (int64_t i = 0; i < m; ++i) {
+        keys[i] = radix::magnitude_key(DTypeTraits<S>::widen(x[t + i]) - DTypeTraits<S>::widen(base[t + i]));
+      }
+    } else {
+      for (int64_t i = 0; i < m; ++i) keys[i] = radix::magnitude_key(DTypeTraits<S>::widen(x[t + i]));
+    }
+    if (hi_bin < 0) {
+      for (int64_t i = 0; i < m; ++i) ++hist[radix::key_hi(keys[i])];
+    } else {
+      // Few keys fall in the one bin the lo pass looks at: test groups of kGroup keys with a vector compare
+      // and visit only the groups that hold one (a per-key branch costs more than the keys themselves).
+      const uint32_t want = uint32_t(hi_bin);
+      for (int64_t g = 0; g < m; g += kGroup) {
+        const int64_t g_end = std::min(m, g + kGroup);
+        uint32_t any = 0;
+        for (int64_t i = g; i < g_end; ++i) any |= radix::key_hi(keys[i]) == want ? 1u : 0u;
+        if (any == 0) continue;
+        for (int64_t i = g; i < g_end; ++i) {
+          if (radix::key_hi(keys[i]) == want) ++hist[radix::key_lo(keys[i])];
+        }
+      }
+    }
+  }
+}
+
+template <DType S, typename Count>
+void hist_all(const void* const* xs, int64_t k, const void* base, const int32_t* hi_bins, int64_t begin,
+              int64_t end, Count* hist) {
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t hi_bin = hi_bins == nullptr ? -1 : hi_bins[j];
+    Count* h = hist + j * radix::kBins;
+    if (base != nullptr) {
+      hist_range<S, true>(xs[j], base, begin, end, hi_bin, h);
+    } else {
+      hist_range<S, false>(xs[j], nullptr, begin, end, hi_bin, h);
+    }
+  }
+}
+
+}  // namespace
+
+void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype, int64_t n,
+                const int32_t* hi_bins, int64_t* hist) {
+  if (n <= 0 || k <= 0) return;
+  const int64_t num_blocks = (n + kParallelBlock - 1) / kParallelBlock;
+  dispatch_dtype(dtype, [&](auto tag) {
+    constexpr DType S = decltype(tag)::value;
+#if defined(PYMERGE_WITH_OPENMP)
+    if (num_blocks > 1 && omp_get_max_threads() > 1) {
+      const int64_t bins = k * radix::kBins;
+#pragma omp parallel
+      {
+        std::vector<uint32_t> local(size_t(bins), 0u);
+        int64_t since_flush = 0;
+        auto flush = [&]() {
+#pragma omp critical(pymerge_radix_hist)
+          for (int64_t b = 0; b < bins; ++b) hist[b] += local[size_t(b)];
+          std::fill(local.begin(), local.end(), 0u);
+          since_flush = 0;
+        };
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < num_blocks; ++blk) {
+          const int64_t begin = blk * kParallelBlock;
+          hist_all<S>(xs, k, base, hi_bins, begin, std::min(n, begin + kParallelBlock), local.data());
+          if (++since_flush >= kFlushEvery) flush();
+        }
+        if (since_flush > 0) flush();
+      }
+      return;
+    }
+#endif
+    (void)num_blocks;
+    hist_all<S>(xs, k, base, hi_bins, 0, n, hist);  // one thread: count straight into the int64 bins
+  });
+}
+
+}  // namespace pymerge::cpu

@@ -1,0 +1,159 @@
+// CPU TIES map: trim each task vector by its exact top-k threshold, elect the sign of the weighted sum, take
+// the disjoint mean, scale, add the base and narrow, in one pass over the inputs (formula in cpu_kernels.h).
+// Ties at a threshold are kept up to a flat index (tie_cutoffs.cpp finds it), so every element depends only
+// on its own inputs: fixed blocks, any thread count, the same bits.
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "pymerge/cpu_kernels.h"
+#include "pymerge/cpu_parallel.h"
+#include "pymerge/dtype.h"
+#include "pymerge/radix_select.h"
+
+namespace pymerge::cpu {
+namespace {
+
+// Per-tile fp32 scratch: base, election sum, mixed sum, divisor and one row per expert; 512 elements keep it
+// in L1 for a handful of experts.
+constexpr int64_t kTile = 512;
+
+struct TiesArgs {
+  const void* base;
+  const void* const* experts;
+  int64_t k;
+  const float* weights;
+  const int32_t* thresh;
+  const int64_t* cutoffs;
+  float lambda;
+  bool apply_lambda;
+  void* out;
+};
+
+// d[i] = (tau * keep) * w for one expert over one tile, with keep = key > compare; then the ties at flat
+// index <= cutoff when the cutoff falls inside the tile (first..first+m-1). Also adds d into the sign-election
+// sum (kFirst: starts it, so a lone -0 stays -0 as in the torch twin).
+template <DType S, bool kFirst>
+void trim_weight(const typename DTypeTraits<S>::storage* __restrict x, const float* __restrict b,
+                 float* __restrict d, float* __restrict sum, int64_t m, int64_t first, int32_t thresh,
+                 int64_t cutoff, float w) {
+  // Below the cutoff every tie is kept ("key > T - 1", T >= -1 so no overflow); above it none.
+  const bool all_ties = cutoff >= first + m - 1;
+  const int32_t compare = all_ties ? thresh - 1 : thresh;
+  if (all_ties || cutoff < first) {
+    for (int64_t i = 0; i < m; ++i) {
+      const float tau = DTypeTraits<S>::widen(x[i]) - b[i];
+      const float keep = radix::above(radix::magnitude_key(tau), compare) ? 1.0f : 0.0f;
+      const float v = (tau * keep) * w;
+      d[i] = v;
+      sum[i] = kFirst ? v : sum[i] + v;
+    }
+    return;
+  }
+  // The one tile (per expert) that holds the cutoff: ties at i <= cutoff - first are kept.
+  const int64_t last_tie = cutoff - first;
+  const uint32_t tie_key = uint32_t(thresh);
+  for (int64_t i = 0; i < m; ++i) {
+    const float tau = DTypeTraits<S>::widen(x[i]) - b[i];
+    const uint32_t key = radix::magnitude_key(tau);
+    const bool keep = radix::above(key, thresh) || (key == tie_key && i <= last_tie);
+    const float v = (tau * (keep ? 1.0f : 0.0f)) * w;
+    d[i] = v;
+    sum[i] = kFirst ? v : sum[i] + v;
+  }
+}
+
+// 1.0f when sgn(d) equals the elected sign (+1 if sum >= 0, else -1; a NaN sum elects -1), else 0.0f; zeros
+// and NaN never agree. Both sides are evaluated and combined bitwise: signs are random, so a branch would mispredict
+// often, and the branch-free form vectorizes.
+inline float agreement(float sum, float d) {
+  const bool positive = sum >= 0.0f;
+  return ((positive & (d > 0.0f)) | (!positive & (d < 0.0f))) ? 1.0f : 0.0f;
+}
+
+// scratch: (k + 4) * kTile floats.
+template <DType S, DType D, bool kNormalize>
+void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
+  using SrcT = typename DTypeTraits<S>::storage;
+  using DstT = typename DTypeTraits<D>::storage;
+  float* __restrict b = scratch;
+  float* __restrict sum = b + kTile;
+  float* __restrict mixed = sum + kTile;
+  float* __restrict divisor = mixed + kTile;
+  float* __restrict deltas = divisor + kTile;  // k rows of kTile
+  const SrcT* __restrict base = static_cast<const SrcT*>(a.base);
+  for (int64_t t = begin; t < end; t += kTile) {
+    const int64_t m = std::min(kTile, end - t);
+    for (int64_t i = 0; i < m; ++i) b[i] = DTypeTraits<S>::widen(base[t + i]);
+
+    // Trim and weight each task vector; the sign-election sum runs in expert order from the first term.
+    for (int64_t j = 0; j < a.k; ++j) {
+      const SrcT* x = static_cast<const SrcT*>(a.experts[j]) + t;
+      float* d = deltas + j * kTile;
+      if (j == 0) {
+        trim_weight<S, true>(x, b, d, sum, m, t, a.thresh[j], a.cutoffs[j], a.weights[j]);
+      } else {
+        trim_weight<S, false>(x, b, d, sum, m, t, a.thresh[j], a.cutoffs[j], a.weights[j]);
+      }
+    }
+
+    // gamma = +1 if sum >= 0 else -1 (NaN: -1); an expert agrees when sgn(d) == gamma (zeros never do).
+    for (int64_t j = 0; j < a.k; ++j) {
+      const float* __restrict d = deltas + j * kTile;
+      const float w = a.weights[j];
+      if (j == 0) {
+        for (int64_t i = 0; i < m; ++i) {
+          const float agree = agreement(sum[i], d[i]);
+          mixed[i] = d[i] * agree;
+          if (kNormalize) divisor[i] = w * agree;
+        }
+      } else {
+        for (int64_t i = 0; i < m; ++i) {
+          const float agree = agreement(sum[i], d[i]);
+          mixed[i] = mixed[i] + d[i] * agree;
+          if (kNormalize) divisor[i] = divisor[i] + w * agree;
+        }
+      }
+    }
+
+    DstT* __restrict o = static_cast<DstT*>(a.out) + t;
+    const float lambda = a.lambda;
+    const bool apply_lambda = a.apply_lambda;
+    for (int64_t i = 0; i < m; ++i) {
+      float r = mixed[i];
+      if (kNormalize) r = r / (divisor[i] == 0.0f ? 1.0f : divisor[i]);
+      if (apply_lambda) r = r * lambda;
+      o[i] = DTypeTraits<D>::narrow(b[i] + r);
+    }
+  }
+}
+
+}  // namespace
+
+void ties_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
+              const float* weights, const int32_t* thresh_keys, const int64_t* cutoffs, float lambda,
+              bool normalize, void* out, DType out_dtype) {
+  if (n <= 0 || k <= 0) return;
+  const TiesArgs args{base, experts, k, weights, thresh_keys, cutoffs, lambda, lambda != 1.0f, out};
+  dispatch_dtype(in_dtype, [&](auto s) {
+    dispatch_dtype(out_dtype, [&](auto d) {
+      constexpr DType S = decltype(s)::value;
+      constexpr DType D = decltype(d)::value;
+      auto run = [&](auto normalize_tag) {
+        constexpr bool kNormalize = decltype(normalize_tag)::value;
+        parallel_for_blocks(n, [&](int64_t begin, int64_t end) {
+          std::vector<float> scratch(size_t((k + 4) * kTile));
+          ties_range<S, D, kNormalize>(args, begin, end, scratch.data());
+        });
+      };
+      if (normalize) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
+      }
+    });
+  });
+}
+
+}  // namespace pymerge::cpu
