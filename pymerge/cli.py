@@ -182,5 +182,8 @@ def env(as_json):
             click.echo(f"{key}: {value}")
 
 
+# Commands that live in their own modules are attached here, one line each (they import _friendly_errors and
+# _setup_logging from this module, which is complete by this point).
+
 if __name__ == "__main__":  # pragma: no cover
     main()

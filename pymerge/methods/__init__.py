@@ -1,6 +1,13 @@
-"""The method registry: mergekit-compatible names -> Method objects (see base.py for the pass contract)."""
+"""The method registry: mergekit-compatible names -> Method objects (see base.py for the pass contract).
+
+The mergekit families are registered explicitly below; every other module in this package that defines
+``methods() -> list[Method]`` is registered too (in module-name order), so a new method family is one new file.
+"""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from ..errors import ConfigError
 from .base import Chunk, Method, MethodSpec, ParamSpec, TensorJob, TensorMerge
@@ -22,6 +29,11 @@ def _register(method: Method) -> None:
 for _m in [linear_method(), *gta_methods(), slerp_method(), model_stock_method(), sce_method(),
            passthrough_method()]:
     _register(_m)
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    _family = importlib.import_module(f"{__name__}.{_info.name}")
+    for _m in getattr(_family, "methods", lambda: [])():
+        _register(_m)
 
 
 def get_method(name: str) -> Method:
