@@ -358,6 +358,264 @@ pymerge::cuda::Stream to_stream(int64_t stream) {
 }
 #endif
 
+// ==== CUDA merge kernels: radix histograms, tie cutoffs, TIES map, Philox masks, DARE/DELLA map (begin) ====
+// Registered by def_cuda_merge_kernels() from the module body. The argument checks are the CPU ones
+// (check_radix_hist, check_tie_cutoffs, check_ties_map) plus each kernel's input limit; pointers are device
+// pointers and per-expert scalars travel by value.
+#if defined(PYMERGE_WITH_CUDA)
+void check_cuda_inputs(size_t k, int64_t max_inputs, const char* what, const char* op) {
+  if (int64_t(k) > max_inputs) {
+    fail(std::string(what) + ": the CUDA " + op + " takes at most " + std::to_string(max_inputs) +
+         " inputs, got " + std::to_string(k));
+  }
+}
+
+struct DareMapArgs {
+  const void* base;
+  std::vector<const void*> experts;
+  std::vector<float> weights, scales, limits;
+  std::vector<const float*> probs;
+  bool any_probs = false;
+  std::vector<uint32_t> models;
+  DType in_dtype, out_dtype;
+  void* out;
+  float lambda, divisor;
+  pymerge::cuda::Consensus consensus;
+};
+
+DareMapArgs check_dare_map(int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
+                           const std::vector<double>& weights, const std::vector<double>& scales,
+                           const std::vector<double>& probs, const std::vector<int64_t>& prob_ptrs,
+                           const std::vector<int64_t>& model_ids, int64_t start, int consensus, bool normalize,
+                           double divisor, double lambda, int64_t out_ptr, int out_dtype) {
+  check_count(n);
+  const size_t k = expert_ptrs.size();
+  if (k == 0) fail("expert_ptrs: at least one expert is required");
+  check_cuda_inputs(k, pymerge::cuda::kMaxDareInputs, "expert_ptrs", "DARE map");
+  check_per_expert(k, weights.size(), "weights");
+  check_per_expert(k, scales.size(), "scales");
+  check_per_expert(k, probs.size(), "probs");
+  check_per_expert(k, prob_ptrs.size(), "prob_ptrs");
+  check_per_expert(k, model_ids.size(), "model_ids");
+  check_stream_range(start, n);
+  if (consensus < 0 || consensus > 2) {
+    fail("consensus: expected 0 (none), 1 (sum) or 2 (count), got " + std::to_string(consensus));
+  }
+  DareMapArgs a;
+  a.consensus = static_cast<pymerge::cuda::Consensus>(consensus);
+  a.in_dtype = checked_dtype(in_dtype, "in_dtype");
+  a.out_dtype = checked_dtype(out_dtype, "out_dtype");
+  check_bytes(n, a.in_dtype, "inputs");
+  check_bytes(n, a.out_dtype, "out");
+  const uintptr_t out = checked_pointer(out_ptr, n, "out_ptr");
+  const int64_t in_bytes = n * pymerge::dtype_size(a.in_dtype);
+  const int64_t out_bytes = n * pymerge::dtype_size(a.out_dtype);
+  const auto check_input = [&](int64_t ptr, const std::string& what) {  // as check_ties_map
+    const uintptr_t p = checked_pointer(ptr, n, what);
+    const bool in_place = p == out && a.in_dtype == a.out_dtype;
+    if (!in_place && overlaps(p, in_bytes, out, out_bytes)) {
+      fail(what + ": overlaps the output buffer; the output must be separate (or exactly an input of the "
+                  "same dtype)");
+    }
+    return reinterpret_cast<const void*>(p);
+  };
+  const auto finite_f32 = [](double v, const std::string& what) {
+    const float f = static_cast<float>(v);
+    if (!std::isfinite(v) || !std::isfinite(f)) fail(what + ": must be finite in float32, got " + std::to_string(v));
+    return f;
+  };
+  a.base = check_input(base_ptr, "base_ptr");
+  for (size_t j = 0; j < k; ++j) {
+    const std::string index = "[" + std::to_string(j) + "]";
+    a.experts.push_back(check_input(expert_ptrs[j], "expert_ptrs" + index));
+    a.weights.push_back(finite_f32(weights[j], "weights" + index));
+    a.scales.push_back(finite_f32(scales[j], "scales" + index));
+    if (std::isnan(probs[j])) fail("probs" + index + ": must be a probability, got NaN");
+    a.limits.push_back(pymerge::philox::keep_limit(static_cast<float>(probs[j])));
+    if (prob_ptrs[j] != 0) {
+      const uintptr_t p = checked_pointer(prob_ptrs[j], n, "prob_ptrs" + index);
+      if (p % alignof(float) != 0) fail("prob_ptrs" + index + ": must be 4-byte aligned (a float32 buffer)");
+      if (overlaps(p, n * 4, out, out_bytes)) fail("prob_ptrs" + index + ": overlaps the output buffer");
+      a.any_probs = true;
+    }
+    a.probs.push_back(reinterpret_cast<const float*>(static_cast<uintptr_t>(prob_ptrs[j])));
+    a.models.push_back(checked_u32(model_ids[j], ("model_ids" + index).c_str()));
+  }
+  a.lambda = finite_f32(lambda, "lambda_");
+  a.divisor = finite_f32(divisor, "divisor");
+  if (normalize && a.consensus == pymerge::cuda::Consensus::None && a.divisor == 0.0f) {
+    fail("divisor: normalize without consensus needs a non-zero divisor");
+  }
+  a.out = reinterpret_cast<void*>(out);
+  return a;
+}
+
+void def_cuda_merge_kernels(py::module_& m) {
+  m.def(
+      "cuda_radix_hist",
+      [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, const std::vector<int64_t>& hi_bins,
+         int64_t hist_ptr, int64_t base_ptr, int64_t stream) {
+        check_cuda_inputs(x_ptrs.size(), pymerge::cuda::kMaxInputs, "x_ptrs", "radix histogram");
+        const RadixHistArgs a = check_radix_hist(x_ptrs, dtype, n, hist_ptr, base_ptr);
+        std::vector<int32_t> bins;  // empty: the hi pass
+        if (!hi_bins.empty()) {
+          if (hi_bins.size() != x_ptrs.size()) {
+            fail("hi_bins: got " + std::to_string(hi_bins.size()) + " bins for " + std::to_string(x_ptrs.size()) +
+                 " inputs (one per input, or none for the hi pass)");
+          }
+          for (size_t j = 0; j < hi_bins.size(); ++j) {
+            if (hi_bins[j] < 0 || hi_bins[j] >= pymerge::radix::kBins) {
+              fail("hi_bins[" + std::to_string(j) + "]: must be in [0, 65536), got " + std::to_string(hi_bins[j]));
+            }
+            bins.push_back(static_cast<int32_t>(hi_bins[j]));
+          }
+        }
+        const pymerge::cuda::Stream s = to_stream(stream);
+        const char* error = nullptr;
+        {
+          py::gil_scoped_release release;
+          error = pymerge::cuda::radix_hist(a.inputs.data(), int64_t(a.inputs.size()), a.base, a.dtype, n,
+                                            bins.empty() ? nullptr : bins.data(), a.hist, s);
+        }
+        raise_launch_error("radix_hist", error);
+      },
+      py::arg("x_ptrs"), py::arg("dtype"), py::arg("n"), py::arg("hi_bins"), py::arg("hist_ptr"),
+      py::arg("base_ptr"), py::arg("stream"),
+      "As radix_hist_hi (hi_bins empty) / radix_hist_lo, enqueued on `stream` (device memory).");
+
+  m.def(
+      "cuda_tie_cutoffs_scratch_bytes",
+      [](int64_t n, int64_t k) {
+        check_count(n);
+        if (k < 1) fail("k: must be >= 1, got " + std::to_string(k));
+        return pymerge::cuda::tie_cutoffs_scratch_bytes(n, k);
+      },
+      py::arg("n"), py::arg("k"), "Device scratch bytes cuda_tie_cutoffs needs for n elements and k experts.");
+
+  m.def(
+      "cuda_tie_cutoffs",
+      [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int dtype, int64_t n,
+         const std::vector<int64_t>& thresh_keys, const std::vector<int64_t>& tie_budgets, int64_t scratch_ptr,
+         int64_t scratch_bytes, int64_t stream) {
+        check_cuda_inputs(expert_ptrs.size(), pymerge::cuda::kMaxInputs, "expert_ptrs", "tie cutoffs");
+        TieCutoffArgs a = check_tie_cutoffs(base_ptr, expert_ptrs, dtype, n, thresh_keys, tie_budgets);
+        if (scratch_ptr < 0 || scratch_ptr % 8 != 0) fail("scratch_ptr: must be an 8-byte aligned device address");
+        const pymerge::cuda::Stream s = to_stream(stream);
+        std::vector<int64_t> cutoffs(a.experts.size(), 0);
+        const char* error = nullptr;
+        {
+          py::gil_scoped_release release;
+          error = pymerge::cuda::tie_cutoffs(a.base, a.experts.data(), int64_t(a.experts.size()), a.dtype, n,
+                                             a.thresh_keys.data(), a.tie_budgets.data(), cutoffs.data(),
+                                             reinterpret_cast<void*>(static_cast<uintptr_t>(scratch_ptr)),
+                                             scratch_bytes, s);
+        }
+        raise_launch_error("tie_cutoffs", error);
+        return py::make_tuple(cutoffs, a.tie_budgets);
+      },
+      py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("dtype"), py::arg("n"), py::arg("thresh_keys"),
+      py::arg("tie_budgets"), py::arg("scratch_ptr"), py::arg("scratch_bytes"), py::arg("stream"),
+      "As tie_cutoffs (device inputs); waits for `stream` and returns (cutoffs, budgets left).");
+
+  m.def(
+      "cuda_ties_map",
+      [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
+         const std::vector<double>& weights, const std::vector<int64_t>& thresh_keys,
+         const std::vector<int64_t>& tie_cutoffs, double lambda, bool normalize, int64_t out_ptr, int out_dtype,
+         bool consensus, int64_t stream) {
+        check_cuda_inputs(expert_ptrs.size(), pymerge::cuda::kMaxInputs, "expert_ptrs", "TIES map");
+        const TiesMapArgs a = check_ties_map(base_ptr, expert_ptrs, in_dtype, n, weights, thresh_keys,
+                                             tie_cutoffs, lambda, out_ptr, out_dtype);
+        const pymerge::cuda::Stream s = to_stream(stream);
+        const char* error = nullptr;
+        {
+          py::gil_scoped_release release;
+          error = pymerge::cuda::ties_map(a.base, a.experts.data(), int64_t(a.experts.size()), a.in_dtype, n,
+                                          a.weights.data(), a.thresh_keys.data(), tie_cutoffs.data(), a.lambda,
+                                          normalize, consensus, a.out, a.out_dtype, s);
+        }
+        raise_launch_error("ties_map", error);
+      },
+      py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("weights"),
+      py::arg("thresh_keys"), py::arg("tie_cutoffs"), py::arg("lambda_"), py::arg("normalize"),
+      py::arg("out_ptr"), py::arg("out_dtype"), py::arg("consensus"), py::arg("stream"),
+      "As ties_map, enqueued on `stream` (device memory); bit-identical to the CPU kernel.");
+
+  m.def(
+      "cuda_philox_uniform24",
+      [](uint64_t seed, int64_t model, int64_t name_hash, int64_t start, int64_t count, int64_t out_ptr,
+         int64_t stream) {
+        const uint32_t mdl = checked_u32(model, "model");
+        const uint32_t hash = checked_u32(name_hash, "name_hash");
+        check_stream_range(start, count);
+        auto* out = reinterpret_cast<uint32_t*>(checked_pointer(out_ptr, count, "out_ptr"));
+        const pymerge::cuda::Stream s = to_stream(stream);
+        const char* error = nullptr;
+        {
+          py::gil_scoped_release release;
+          error = pymerge::cuda::philox_uniform24(seed, mdl, hash, start, count, out, s);
+        }
+        raise_launch_error("philox_uniform24", error);
+      },
+      py::arg("seed"), py::arg("model"), py::arg("name_hash"), py::arg("start"), py::arg("count"),
+      py::arg("out_ptr"), py::arg("stream"), "As philox_uniform24, enqueued on `stream` (device memory).");
+
+  m.def(
+      "cuda_philox_keep_mask",
+      [](uint64_t seed, int64_t model, int64_t name_hash, int64_t start, int64_t count, double prob,
+         int64_t probs_ptr, int64_t out_ptr, int64_t stream) {
+        const uint32_t mdl = checked_u32(model, "model");
+        const uint32_t hash = checked_u32(name_hash, "name_hash");
+        check_stream_range(start, count);
+        if (std::isnan(prob)) fail("prob: must be a probability, got NaN");
+        if (probs_ptr < 0 || probs_ptr % 4 != 0) fail("probs_ptr: must be 0 or a 4-byte aligned device address");
+        auto* out = reinterpret_cast<uint8_t*>(checked_pointer(out_ptr, count, "out_ptr"));
+        const auto* probs = reinterpret_cast<const float*>(static_cast<uintptr_t>(probs_ptr));
+        const pymerge::cuda::Stream s = to_stream(stream);
+        const char* error = nullptr;
+        {
+          py::gil_scoped_release release;
+          error = pymerge::cuda::philox_keep_mask(seed, mdl, hash, start, count, static_cast<float>(prob), probs,
+                                                  out, s);
+        }
+        raise_launch_error("philox_keep_mask", error);
+      },
+      py::arg("seed"), py::arg("model"), py::arg("name_hash"), py::arg("start"), py::arg("count"),
+      py::arg("prob"), py::arg("probs_ptr"), py::arg("out_ptr"), py::arg("stream"),
+      "As philox_keep_mask (probs_ptr != 0: per-element fp32 probabilities), enqueued on `stream`.");
+
+  m.def(
+      "cuda_dare_map",
+      [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
+         const std::vector<double>& weights, const std::vector<double>& scales, const std::vector<double>& probs,
+         const std::vector<int64_t>& prob_ptrs, uint64_t seed, const std::vector<int64_t>& model_ids,
+         int64_t name_hash, int64_t start, int consensus, bool normalize, double divisor, double lambda,
+         int64_t out_ptr, int out_dtype, int64_t stream) {
+        const DareMapArgs a = check_dare_map(base_ptr, expert_ptrs, in_dtype, n, weights, scales, probs, prob_ptrs,
+                                             model_ids, start, consensus, normalize, divisor, lambda, out_ptr,
+                                             out_dtype);
+        const uint32_t hash = checked_u32(name_hash, "name_hash");
+        const pymerge::cuda::Stream s = to_stream(stream);
+        const char* error = nullptr;
+        {
+          py::gil_scoped_release release;
+          error = pymerge::cuda::dare_map(a.base, a.experts.data(), int64_t(a.experts.size()), a.in_dtype, n,
+                                          a.weights.data(), a.scales.data(), a.limits.data(),
+                                          a.any_probs ? a.probs.data() : nullptr, seed, a.models.data(), hash,
+                                          start, a.consensus, normalize, a.divisor, a.lambda, a.out, a.out_dtype,
+                                          s);
+        }
+        raise_launch_error("dare_map", error);
+      },
+      py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("weights"),
+      py::arg("scales"), py::arg("probs"), py::arg("prob_ptrs"), py::arg("seed"), py::arg("model_ids"),
+      py::arg("name_hash"), py::arg("start"), py::arg("consensus"), py::arg("normalize"), py::arg("divisor"),
+      py::arg("lambda_"), py::arg("out_ptr"), py::arg("out_dtype"), py::arg("stream"),
+      "DARE/DELLA map (formula in cuda_kernels.h), enqueued on `stream` (device memory).");
+}
+#endif
+// ==== CUDA merge kernels (end) ====
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -439,6 +697,24 @@ PYBIND11_MODULE(_C, m) {
       "out[i] = 1 if float(word >> 8) < float32(prob) * 2^24 else 0 (uint8 buffer, CPU memory).");
 
   m.def(
+      "count_nonfinite",
+      [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n) {
+        check_count(n);
+        if (x_ptrs.empty()) fail("x_ptrs: at least one input is required");
+        const DType d = checked_dtype(dtype, "dtype");
+        check_bytes(n, d, "inputs");
+        const std::vector<const void*> xs = checked_inputs(x_ptrs, "x_ptrs", d, n, 0, 0, "nothing");
+        std::vector<int64_t> counts(x_ptrs.size(), 0);
+        {
+          py::gil_scoped_release release;
+          pymerge::cpu::count_nonfinite(xs.data(), int64_t(xs.size()), d, n, counts.data());
+        }
+        return counts;
+      },
+      py::arg("x_ptrs"), py::arg("dtype"), py::arg("n"),
+      "Per input, the number of Inf/NaN elements among its n stored elements (exponent bits all ones).");
+
+  m.def(
       "radix_hist_hi",
       [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, int64_t hist_ptr, int64_t base_ptr) {
         const RadixHistArgs a = check_radix_hist(x_ptrs, dtype, n, hist_ptr, base_ptr);
@@ -496,17 +772,17 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
          const std::vector<double>& weights, const std::vector<int64_t>& thresh_keys,
          const std::vector<int64_t>& tie_cutoffs, double lambda, bool normalize, int64_t out_ptr,
-         int out_dtype) {
+         int out_dtype, bool consensus) {
         const TiesMapArgs a = check_ties_map(base_ptr, expert_ptrs, in_dtype, n, weights, thresh_keys,
                                              tie_cutoffs, lambda, out_ptr, out_dtype);
         py::gil_scoped_release release;
         pymerge::cpu::ties_map(a.base, a.experts.data(), int64_t(a.experts.size()), a.in_dtype, n,
                                a.weights.data(), a.thresh_keys.data(), tie_cutoffs.data(), a.lambda, normalize,
-                               a.out, a.out_dtype);
+                               consensus, a.out, a.out_dtype);
       },
       py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("weights"),
       py::arg("thresh_keys"), py::arg("tie_cutoffs"), py::arg("lambda_"), py::arg("normalize"),
-      py::arg("out_ptr"), py::arg("out_dtype"),
+      py::arg("out_ptr"), py::arg("out_dtype"), py::arg("consensus") = true,
       "TIES trim/elect/disjoint-mean map (formula in cpu_kernels.h): keeps key > T, and key == T at flat "
       "index <= the expert's tie cutoff.");
 
@@ -561,5 +837,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("input_ptrs"), py::arg("in_dtype"), py::arg("weights"), py::arg("out_ptr"), py::arg("out_dtype"),
       py::arg("n"), py::arg("normalize"), py::arg("stream"),
       "Same as weighted_sum, enqueued on `stream` (device memory); bit-identical to the CPU kernel.");
+
+  def_cuda_merge_kernels(m);  // radix histograms, tie cutoffs, TIES map, Philox masks, DARE/DELLA map
 #endif
 }

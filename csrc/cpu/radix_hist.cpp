@@ -25,7 +25,12 @@ constexpr int64_t kGroup = 32;
 // A private uint32 bin could overflow after 2^32 elements: flush to int64 well before that.
 constexpr int64_t kFlushEvery = (int64_t(std::numeric_limits<uint32_t>::max()) / kParallelBlock) - 1;
 
-template <DType S, bool kTau, typename Count>
+// Private histograms have kWays interleaved copies: element i counts into copy i % kWays. Task vectors of
+// bf16 checkpoints take few distinct magnitudes, so consecutive keys often hit the same bin, and increments
+// of one counter form a serial load-add-store chain; four copies run four chains side by side.
+constexpr int64_t kWays = 4;
+
+template <DType S, bool kTau, int64_t Ways, typename Count>
 void hist_range(const void* x_ptr, const void* base_ptr, int64_t begin, int64_t end, int32_t hi_bin,
                 Count* hist) {
   using T = typename DTypeTraits<S>::storage;
@@ -42,34 +47,40 @@ void hist_range(const void* x_ptr, const void* base_ptr, int64_t begin, int64_t 
       for (int64_t i = 0; i < m; ++i) keys[i] = radix::magnitude_key(DTypeTraits<S>::widen(x[t + i]));
     }
     if (hi_bin < 0) {
-      for (int64_t i = 0; i < m; ++i) ++hist[radix::key_hi(keys[i])];
+      for (int64_t i = 0; i < m; ++i) ++hist[((i % Ways) << 16) | radix::key_hi(keys[i])];
     } else {
-      // Few keys fall in the one bin the lo pass looks at: test groups of kGroup keys with a vector compare
-      // and visit only the groups that hold one (a per-key branch costs more than the keys themselves).
+      // In fp32 data few keys fall in the one bin the lo pass looks at: test groups of kGroup keys with a
+      // vector compare and skip the groups that hold none. In bf16/f16 data the bin is often dense, so a
+      // group that holds some is counted without a per-key branch: keys outside the bin go to a dummy
+      // counter per way.
       const uint32_t want = uint32_t(hi_bin);
+      Count dummy[Ways] = {};
       for (int64_t g = 0; g < m; g += kGroup) {
         const int64_t g_end = std::min(m, g + kGroup);
         uint32_t any = 0;
         for (int64_t i = g; i < g_end; ++i) any |= radix::key_hi(keys[i]) == want ? 1u : 0u;
         if (any == 0) continue;
         for (int64_t i = g; i < g_end; ++i) {
-          if (radix::key_hi(keys[i]) == want) ++hist[radix::key_lo(keys[i])];
+          const int64_t way = i % Ways;
+          Count* slot = radix::key_hi(keys[i]) == want ? &hist[(way << 16) | radix::key_lo(keys[i])] : &dummy[way];
+          ++*slot;
         }
       }
     }
   }
 }
 
-template <DType S, typename Count>
+// hist holds k * Ways * kBins counters: input j's copies start at j * Ways * kBins.
+template <DType S, int64_t Ways, typename Count>
 void hist_all(const void* const* xs, int64_t k, const void* base, const int32_t* hi_bins, int64_t begin,
               int64_t end, Count* hist) {
   for (int64_t j = 0; j < k; ++j) {
     const int32_t hi_bin = hi_bins == nullptr ? -1 : hi_bins[j];
-    Count* h = hist + j * radix::kBins;
+    Count* h = hist + j * Ways * radix::kBins;
     if (base != nullptr) {
-      hist_range<S, true>(xs[j], base, begin, end, hi_bin, h);
+      hist_range<S, true, Ways>(xs[j], base, begin, end, hi_bin, h);
     } else {
-      hist_range<S, false>(xs[j], nullptr, begin, end, hi_bin, h);
+      hist_range<S, false, Ways>(xs[j], nullptr, begin, end, hi_bin, h);
     }
   }
 }
@@ -82,32 +93,44 @@ void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype,
   const int64_t num_blocks = (n + kParallelBlock - 1) / kParallelBlock;
   dispatch_dtype(dtype, [&](auto tag) {
     constexpr DType S = decltype(tag)::value;
-#if defined(PYMERGE_WITH_OPENMP)
-    if (num_blocks > 1 && omp_get_max_threads() > 1) {
+    if (num_blocks > 1) {
+      // Private uint32 histograms (kWays copies each) per thread, added into the int64 ones at the end.
       const int64_t bins = k * radix::kBins;
+#if defined(PYMERGE_WITH_OPENMP)
 #pragma omp parallel
+#endif
       {
-        std::vector<uint32_t> local(size_t(bins), 0u);
+        std::vector<uint32_t> local(size_t(bins * kWays), 0u);
         int64_t since_flush = 0;
         auto flush = [&]() {
+#if defined(PYMERGE_WITH_OPENMP)
 #pragma omp critical(pymerge_radix_hist)
-          for (int64_t b = 0; b < bins; ++b) hist[b] += local[size_t(b)];
+#endif
+          for (int64_t j = 0; j < k; ++j) {
+            for (int64_t w = 0; w < kWays; ++w) {
+              const uint32_t* src = local.data() + (j * kWays + w) * radix::kBins;
+              int64_t* dst = hist + j * radix::kBins;
+              for (int64_t b = 0; b < radix::kBins; ++b) dst[b] += src[b];
+            }
+          }
           std::fill(local.begin(), local.end(), 0u);
           since_flush = 0;
         };
+#if defined(PYMERGE_WITH_OPENMP)
 #pragma omp for schedule(static)
+#endif
         for (int64_t blk = 0; blk < num_blocks; ++blk) {
           const int64_t begin = blk * kParallelBlock;
-          hist_all<S>(xs, k, base, hi_bins, begin, std::min(n, begin + kParallelBlock), local.data());
+          hist_all<S, kWays>(xs, k, base, hi_bins, begin, std::min(n, begin + kParallelBlock), local.data());
+          // Every copy of a bin counts at most kParallelBlock / kWays per block; flushing every kFlushEvery
+          // blocks keeps each uint32 far from overflow.
           if (++since_flush >= kFlushEvery) flush();
         }
         if (since_flush > 0) flush();
       }
       return;
     }
-#endif
-    (void)num_blocks;
-    hist_all<S>(xs, k, base, hi_bins, 0, n, hist);  // one thread: count straight into the int64 bins
+    hist_all<S, 1>(xs, k, base, hi_bins, 0, n, hist);  // one block: count straight into the int64 bins
   });
 }
 

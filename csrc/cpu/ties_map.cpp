@@ -3,6 +3,7 @@
 // Ties at a threshold are kept up to a flat index (tie_cutoffs.cpp finds it), so every element depends only
 // on its own inputs: fixed blocks, any thread count, the same bits.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -28,6 +29,7 @@ struct TiesArgs {
   const int64_t* cutoffs;
   float lambda;
   bool apply_lambda;
+  float divisor;  // without consensus: w_0 + w_1 + ... (|.| < 1e-8 -> 1), the same for every element
   void* out;
 };
 
@@ -73,7 +75,7 @@ inline float agreement(float sum, float d) {
 }
 
 // scratch: (k + 4) * kTile floats.
-template <DType S, DType D, bool kNormalize>
+template <DType S, DType D, bool kNormalize, bool kConsensus>
 void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
   using SrcT = typename DTypeTraits<S>::storage;
   using DstT = typename DTypeTraits<D>::storage;
@@ -98,6 +100,20 @@ void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
       }
     }
 
+    DstT* __restrict o = static_cast<DstT*>(a.out) + t;
+    const float lambda = a.lambda;
+    const bool apply_lambda = a.apply_lambda;
+    if (!kConsensus) {
+      // Plain task arithmetic: the in-order sum of the weighted (trimmed) task vectors, one constant divisor.
+      for (int64_t i = 0; i < m; ++i) {
+        float r = sum[i];
+        if (kNormalize) r = r / a.divisor;
+        if (apply_lambda) r = r * lambda;
+        o[i] = DTypeTraits<D>::narrow(b[i] + r);
+      }
+      continue;
+    }
+
     // gamma = +1 if sum >= 0 else -1 (NaN: -1); an expert agrees when sgn(d) == gamma (zeros never do).
     for (int64_t j = 0; j < a.k; ++j) {
       const float* __restrict d = deltas + j * kTile;
@@ -117,9 +133,6 @@ void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
       }
     }
 
-    DstT* __restrict o = static_cast<DstT*>(a.out) + t;
-    const float lambda = a.lambda;
-    const bool apply_lambda = a.apply_lambda;
     for (int64_t i = 0; i < m; ++i) {
       float r = mixed[i];
       if (kNormalize) r = r / (divisor[i] == 0.0f ? 1.0f : divisor[i]);
@@ -133,24 +146,28 @@ void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
 
 void ties_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
               const float* weights, const int32_t* thresh_keys, const int64_t* cutoffs, float lambda,
-              bool normalize, void* out, DType out_dtype) {
+              bool normalize, bool consensus, void* out, DType out_dtype) {
   if (n <= 0 || k <= 0) return;
-  const TiesArgs args{base, experts, k, weights, thresh_keys, cutoffs, lambda, lambda != 1.0f, out};
+  float divisor = weights[0];
+  for (int64_t j = 1; j < k; ++j) divisor = divisor + weights[j];
+  if (std::fabs(divisor) < 1e-8f) divisor = 1.0f;  // the torch twin's rule for a vanishing weight sum
+  const TiesArgs args{base, experts, k, weights, thresh_keys, cutoffs, lambda, lambda != 1.0f, divisor, out};
   dispatch_dtype(in_dtype, [&](auto s) {
     dispatch_dtype(out_dtype, [&](auto d) {
       constexpr DType S = decltype(s)::value;
       constexpr DType D = decltype(d)::value;
-      auto run = [&](auto normalize_tag) {
+      auto run = [&](auto normalize_tag, auto consensus_tag) {
         constexpr bool kNormalize = decltype(normalize_tag)::value;
+        constexpr bool kConsensus = decltype(consensus_tag)::value;
         parallel_for_blocks(n, [&](int64_t begin, int64_t end) {
           std::vector<float> scratch(size_t((k + 4) * kTile));
-          ties_range<S, D, kNormalize>(args, begin, end, scratch.data());
+          ties_range<S, D, kNormalize, kConsensus>(args, begin, end, scratch.data());
         });
       };
-      if (normalize) {
-        run(std::true_type{});
+      if (consensus) {
+        if (normalize) run(std::true_type{}, std::true_type{}); else run(std::false_type{}, std::true_type{});
       } else {
-        run(std::false_type{});
+        if (normalize) run(std::true_type{}, std::false_type{}); else run(std::false_type{}, std::false_type{});
       }
     });
   });

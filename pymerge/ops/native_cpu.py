@@ -8,6 +8,7 @@ raise ValueError/TypeError (programming errors); a missing extension raises
 
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -100,6 +101,16 @@ def weighted_sum(
         [x.data_ptr() for x in xs], in_code, ws, out.data_ptr(), out_code, out.numel(), bool(normalize)
     )
     return out
+
+
+def count_nonfinite(xs: Sequence[torch.Tensor]) -> list[int]:
+    """[#{i : xs[j][i] is Inf or NaN} for each j]: the stored elements' exponent bits, no widening.
+
+    ``xs`` are contiguous CPU tensors of one shape and dtype (float32, float16 or bfloat16).
+    """
+    native = require_native("the native CPU non-finite count")
+    first = _check_same(xs, "xs")
+    return list(native.count_nonfinite([x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel()))
 
 
 # ---- Philox random stream (pymerge/ops/philox.py is the twin and states the contract) ----
@@ -220,39 +231,100 @@ def tie_budget(th) -> int:
     return -1 if th.keep_all_ties else int(th.ties)
 
 
+class _HistPool:
+    """Reused zeroed int64 [rows, 65536] histograms. A fresh 1.5 MB allocation per tensor page-faulted on every
+    use: allocating and zeroing them took ~10% of a native TIES merge of the demo preset."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, rows: int) -> torch.Tensor:
+        with self._lock:
+            for i, h in enumerate(self._free):
+                if h.shape[0] >= rows:
+                    return self._free.pop(i)[:rows].zero_()
+        return torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
+
+    def give(self, hist: torch.Tensor) -> None:
+        base = hist if hist._base is None else hist._base
+        with self._lock:
+            if len(self._free) < 4:  # a few sizes (expert counts) are all a merge uses
+                self._free.append(base)
+
+
+_HIST_POOL = _HistPool()
+
+
+class MagnitudeTopK:
+    """Exact top-k thresholds of several task vectors x_j - base, accumulated chunk by chunk with the native
+    radix histograms: ``add_hi`` over every chunk, ``end_hi``, ``add_lo`` over every chunk, ``end_lo``.
+
+    The native twin of ``pymerge.ops.select.TopKSelector`` (same keys, same thresholds and tie counts); a
+    threshold is marked ``keep_all_ties`` when the kept ties are all the elements equal to its key, so the map
+    pass needs no flat-order tie cutoff for it. ``passes`` is 0 when every k is trivial (0 or n).
+    """
+
+    def __init__(self, ks: Sequence[int], n: int):
+        from .select import Threshold
+
+        self.ks, self.n = [int(k) for k in ks], int(n)
+        self.result: list = [Threshold(key=2**31 - 1, ties=0) if k <= 0 else Threshold(key=-1, ties=0)
+                             for k in self.ks]
+        self.todo = [j for j, k in enumerate(self.ks) if 0 < k < n]
+        self.passes = 2 if self.todo else 0
+        self.hist = _HIST_POOL.take(len(self.todo)) if self.todo else None
+        self.hi: list[tuple[int, int]] = []
+
+    def add_hi(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
+        if self.todo:
+            radix_hist_hi([experts[j] for j in self.todo], base=base, hist=self.hist)
+
+    def end_hi(self) -> None:
+        from .select import _walk_down
+
+        if self.todo:
+            self.hi = [_walk_down(self.hist[r], self.ks[j]) for r, j in enumerate(self.todo)]
+            self.hist.zero_()
+
+    def add_lo(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
+        if self.todo:
+            radix_hist_lo([experts[j] for j in self.todo], [b for b, _ in self.hi], base=base, hist=self.hist)
+
+    def end_lo(self) -> list:
+        from .select import Threshold, _walk_down
+
+        for r, j in enumerate(self.todo):
+            need = self.ks[j] - self.hi[r][1]
+            lo, above_lo = _walk_down(self.hist[r], need)
+            ties = need - above_lo
+            self.result[j] = Threshold(key=(self.hi[r][0] << 16) | lo, ties=ties,
+                                       keep_all_ties=ties == int(self.hist[r, lo]))
+        if self.hist is not None:
+            _HIST_POOL.give(self.hist)
+        self.hist = None
+        return self.result
+
+
 def ties_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float]) -> list:
     """Exact magnitude thresholds of each task vector experts[j] - base (fp32) for its top-``density`` trim.
 
-    Two native histogram passes (hi, then lo within the k-th key's bin) over every expert that needs one.
-    Returns one ``pymerge.ops.select.Threshold`` per expert, the same key and ties as ``TopKSelector``; it is
-    marked ``keep_all_ties`` when the kept ties are all the elements equal to the key (no flat-order cursor
-    needed then).
+    Two native histogram passes (hi, then lo within the k-th key's bin) over every expert that needs one
+    (``MagnitudeTopK`` on a single chunk). Returns one ``pymerge.ops.select.Threshold`` per expert, the same
+    key and ties as ``TopKSelector``, marked ``keep_all_ties`` when the kept ties are all the elements equal to
+    the key.
     """
-    from .select import Threshold, _walk_down
-
     _check_same(experts, "experts", base)
     if len(densities) != len(experts):
         raise ValueError(f"densities: got {len(densities)} densities for {len(experts)} experts")
-    n = base.numel()
-    ks = []
     for j, d in enumerate(densities):
         if not d >= 0:
             raise ValueError(f"densities[{j}]: must be >= 0, got {d}")
-        ks.append(topk_count(float(d), n))
-    out: list = [Threshold(key=2**31 - 1, ties=0) if k <= 0 else Threshold(key=-1, ties=0) for k in ks]
-    todo = [j for j, k in enumerate(ks) if 0 < k < n]
-    if not todo:
-        return out
-    xs = [experts[j] for j in todo]
-    hist_hi = radix_hist_hi(xs, base=base)
-    hi = [_walk_down(hist_hi[r], ks[j]) for r, j in enumerate(todo)]
-    hist_lo = radix_hist_lo(xs, [b for b, _ in hi], base=base)
-    for r, j in enumerate(todo):
-        need = ks[j] - hi[r][1]
-        lo, above_lo = _walk_down(hist_lo[r], need)
-        ties = need - above_lo
-        out[j] = Threshold(key=(hi[r][0] << 16) | lo, ties=ties, keep_all_ties=ties == int(hist_lo[r, lo]))
-    return out
+    sel = MagnitudeTopK([topk_count(float(d), base.numel()) for d in densities], base.numel())
+    sel.add_hi(base, experts)
+    sel.end_hi()
+    sel.add_lo(base, experts)
+    return sel.end_lo()
 
 
 def tie_cutoffs(base: torch.Tensor, experts: Sequence[torch.Tensor], thresh_keys: Sequence[int],
@@ -279,7 +351,8 @@ def tie_cutoffs(base: torch.Tensor, experts: Sequence[torch.Tensor], thresh_keys
 
 def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float],
              thresh_keys: Sequence[int], tie_cutoffs: Sequence[int], *, lambda_: float = 1.0,
-             normalize: bool = True, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+             normalize: bool = True, consensus: bool = True, out_dtype: Optional[torch.dtype] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out = out_dtype(base + lambda * [normalized] disjoint mean of the sign-agreeing trimmed, weighted task
     vectors), in one fused pass.
 
@@ -289,6 +362,9 @@ def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
     order; r = mixed / divisor if normalize; r *= lambda; out = base + r, cast with round to nearest even.
     Bit-identical to the torch TIES of ``pymerge.ops.merge_tensors("ties", ...)`` given that method's
     thresholds (``tie_cutoffs`` turns its tie counts into cutoffs). ``out_dtype`` defaults to base's dtype.
+    With ``consensus=False`` there is no election: mixed = sum_j d_j and divisor = sum_j w_j (|.| < 1e-8 -> 1),
+    the generalized task arithmetic of ``task_arithmetic`` (no trim) and of a magnitude-trimmed sum.
+    ``out``, when given, is written into (contiguous, base's shape, ``out_dtype``).
     """
     native = require_native("the native CPU TIES map")
     _check_same(experts, "experts", base)
@@ -299,10 +375,15 @@ def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
     in_code = dtype_code(base.dtype, "base")
     out_dtype = base.dtype if out_dtype is None else out_dtype
     out_code = dtype_code(out_dtype, "out_dtype")
-    out = torch.empty(base.shape, dtype=out_dtype)
+    if out is None:
+        out = torch.empty(base.shape, dtype=out_dtype)
+    else:
+        check_tensor(out, "out", "cpu")
+        if out.dtype != out_dtype or out.numel() != base.numel():
+            raise ValueError(f"out: expected {base.numel()} elements of {out_dtype}, got {out.numel()} of {out.dtype}")
     native.ties_map(base.data_ptr(), [x.data_ptr() for x in experts], in_code, base.numel(),
                     [float(w) for w in weights], [int(t) for t in thresh_keys], [int(c) for c in tie_cutoffs],
-                    float(lambda_), bool(normalize), out.data_ptr(), out_code)
+                    float(lambda_), bool(normalize), out.data_ptr(), out_code, bool(consensus))
     return out
 
 

@@ -104,3 +104,208 @@ def weighted_sum(
             _stream_handle(device),
         )
     return out
+
+
+# ---- Exact top-k, TIES, Philox masks, DARE/DELLA (same contracts as native_cpu; bit-identical results) ----
+
+RADIX_BINS = 1 << 16
+CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _check_same(xs: Sequence[torch.Tensor], what: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference tensor (``like`` or ``xs[0]``), after checking every tensor is a contiguous CUDA tensor of
+    its shape, dtype and device."""
+    if isinstance(xs, torch.Tensor) or len(xs) == 0:
+        raise ValueError(f"{what}: expected a non-empty list of tensors")
+    ref_name = f"{what}[0]" if like is None else "base"
+    first = check_tensor(xs[0] if like is None else like, ref_name, "cuda")
+    dtype_code(first.dtype, what)
+    for j, x in enumerate(xs):
+        check_tensor(x, f"{what}[{j}]", "cuda")
+        if x.shape != first.shape or x.dtype != first.dtype or x.device != first.device:
+            raise ValueError(f"{what}[{j}]: {tuple(x.shape)} {x.dtype} on {x.device} differs from {ref_name}: "
+                             f"{tuple(first.shape)} {first.dtype} on {first.device}")
+    return first
+
+
+def _per_expert(values: Sequence, k: int, what: str) -> list:
+    values = list(values)
+    if len(values) != k:
+        raise ValueError(f"{what}: got {len(values)} values for {k} experts (one per expert)")
+    return values
+
+
+def _hist(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], hist: Optional[torch.Tensor],
+          hi_bins: Sequence[int]) -> torch.Tensor:
+    native = _require_cuda("the native CUDA radix histogram")
+    first = _check_same(xs, "xs", base)
+    device = first.device
+    rows = len(xs)
+    if hist is None:
+        hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64, device=device)
+    else:
+        check_tensor(hist, "hist", "cuda")
+        if hist.dtype != torch.int64 or tuple(hist.shape) != (rows, RADIX_BINS) or hist.device != device:
+            raise ValueError(f"hist: expected an int64 tensor of shape ({rows}, {RADIX_BINS}) on {device}, "
+                             f"got {hist.dtype} {tuple(hist.shape)} on {hist.device}")
+    with torch.cuda.device(device):
+        native.cuda_radix_hist([x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel(),
+                               [int(b) for b in hi_bins], hist.data_ptr(), 0 if base is None else base.data_ptr(),
+                               _stream_handle(device))
+    return hist
+
+
+def radix_hist_hi(xs: Sequence[torch.Tensor], *, base: Optional[torch.Tensor] = None,
+                  hist: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """hist[j, b] += #{i : key_j[i] >> 16 == b}, key_j = fp32 bits of |xs[j] - base| (|xs[j]| without base), on
+    the GPU. As ``native_cpu.radix_hist_hi``; ``hist`` (int64 [len(xs), 65536], CUDA) is accumulated into."""
+    return _hist(xs, base, hist, [])
+
+
+def radix_hist_lo(xs: Sequence[torch.Tensor], hi_bins: Sequence[int], *, base: Optional[torch.Tensor] = None,
+                  hist: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """hist[j, key & 0xFFFF] += 1 for the keys of xs[j] with key >> 16 == hi_bins[j], on the GPU."""
+    if len(hi_bins) != len(xs) or len(xs) == 0:
+        raise ValueError(f"hi_bins: got {len(hi_bins)} bins for {len(xs)} tensors (one per tensor)")
+    return _hist(xs, base, hist, hi_bins)
+
+
+def tie_cutoffs(base: torch.Tensor, experts: Sequence[torch.Tensor], thresh_keys: Sequence[int],
+                tie_budgets: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(cutoffs, budgets left) of ``native_cpu.tie_cutoffs`` for CUDA tensors. Synchronizes with the current
+    stream (the results come back to the host); no kernel runs when no budget is positive."""
+    _check_same(experts, "experts", base)
+    k = len(experts)
+    keys = [int(t) for t in _per_expert(thresh_keys, k, "thresh_keys")]
+    budgets = [int(b) for b in _per_expert(tie_budgets, k, "tie_budgets")]
+    n = base.numel()
+    if all(b <= 0 for b in budgets) or n == 0:  # the contract without a scan
+        return [n if b < 0 or (b > 0 and n == 0) else -1 for b in budgets], budgets
+    native = _require_cuda("the native CUDA tie cutoffs")
+    device = base.device
+    with torch.cuda.device(device):
+        nbytes = native.cuda_tie_cutoffs_scratch_bytes(n, k)
+        scratch = torch.empty((nbytes + 7) // 8, dtype=torch.int64, device=device)
+        cutoffs, left = native.cuda_tie_cutoffs(base.data_ptr(), [x.data_ptr() for x in experts],
+                                                dtype_code(base.dtype, "base"), n, keys, budgets,
+                                                scratch.data_ptr(), nbytes, _stream_handle(device))
+    return list(cutoffs), list(left)
+
+
+def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float],
+             thresh_keys: Sequence[int], tie_cutoffs: Sequence[int], *, lambda_: float = 1.0,
+             normalize: bool = True, consensus: bool = True, out_dtype: Optional[torch.dtype] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused TIES map of ``native_cpu.ties_map`` (same formula, bit-identical) on CUDA tensors, enqueued on
+    the current stream. ``out`` (optional): a contiguous CUDA tensor of base's shape to write into."""
+    native = _require_cuda("the native CUDA TIES map")
+    _check_same(experts, "experts", base)
+    k = len(experts)
+    ws = [float(w) for w in _per_expert(weights, k, "weights")]
+    keys = [int(t) for t in _per_expert(thresh_keys, k, "thresh_keys")]
+    cuts = [int(c) for c in _per_expert(tie_cutoffs, k, "tie_cutoffs")]
+    out = _out_like(base, out, out_dtype)
+    with torch.cuda.device(base.device):
+        native.cuda_ties_map(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"),
+                             base.numel(), ws, keys, cuts, float(lambda_), bool(normalize), out.data_ptr(),
+                             dtype_code(out.dtype, "out"), bool(consensus), _stream_handle(base.device))
+    return out
+
+
+def _out_like(base: torch.Tensor, out: Optional[torch.Tensor], out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    if out is None:
+        with torch.cuda.device(base.device):
+            return torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype, device=base.device)
+    check_tensor(out, "out", "cuda")
+    if out.shape != base.shape or out.device != base.device:
+        raise ValueError(f"out: expected a {tuple(base.shape)} tensor on {base.device}, "
+                         f"got {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def philox_uniform24(seed: int, model: int, tensor_name: str, start: int, count: int,
+                     device: torch.device | str = "cuda") -> torch.Tensor:
+    """u24[i] = word(seed, model, tensor_name, start + i) >> 8 as an int32 CUDA tensor (as native_cpu's)."""
+    from .philox import name_hash
+
+    native = _require_cuda("the native CUDA Philox generator")
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        out = torch.empty(int(count), dtype=torch.int32, device=device)
+        native.cuda_philox_uniform24(int(seed) & _MASK64, int(model) & _MASK32, name_hash(tensor_name), int(start),
+                                     int(count), out.data_ptr(), _stream_handle(out.device))
+    return out
+
+
+def philox_keep_mask(seed: int, model: int, tensor_name: str, start: int, count: int,
+                     prob: float | torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
+    """keep[i] = float(u24[i]) < fp32(p) * 2**24 for flat elements [start, start + count), a bool CUDA tensor.
+
+    ``prob``: one float, or a contiguous fp32 CUDA tensor of ``count`` per-element probabilities (DELLA).
+    Bit-identical to ``pymerge.ops.philox.keep_mask``.
+    """
+    from .philox import name_hash
+
+    native = _require_cuda("the native CUDA Philox generator")
+    probs_ptr, scalar = 0, 0.0
+    if isinstance(prob, torch.Tensor):
+        check_tensor(prob, "prob", "cuda")
+        if prob.dtype != torch.float32 or prob.numel() != int(count):
+            raise ValueError(f"prob: expected {count} float32 probabilities, got {prob.numel()} {prob.dtype}")
+        probs_ptr, device = prob.data_ptr(), prob.device
+    else:
+        scalar = float(prob)
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        out = torch.empty(int(count), dtype=torch.bool, device=device)
+        native.cuda_philox_keep_mask(int(seed) & _MASK64, int(model) & _MASK32, name_hash(tensor_name), int(start),
+                                     int(count), scalar, probs_ptr, out.data_ptr(), _stream_handle(out.device))
+    return out
+
+
+def dare_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], *, seed: int,
+             model_ids: Sequence[int], tensor_name: str, probs: Sequence[float] | Sequence[torch.Tensor],
+             scales: Optional[Sequence[float]] = None, start: int = 0, consensus: Optional[str] = "sum",
+             normalize: bool = False, lambda_: float = 1.0, out_dtype: Optional[torch.dtype] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The DARE / DELLA map on CUDA tensors (formula in csrc/include/pymerge/cuda_kernels.h; the Triton twin is
+    ``pymerge.triton_kernels.dare_map.dare_map``, same arguments; bit-identical to the torch methods).
+
+    ``probs``: per expert a float keep probability (DARE) or a contiguous fp32 CUDA tensor of base's numel
+    (DELLA's per-element probabilities). ``start``: flat index of base's first element in the whole tensor.
+    ``consensus``: "sum", "count" or None. At most ``kMaxDareInputs`` (64) experts.
+    """
+    from .philox import name_hash
+
+    native = _require_cuda("the native CUDA DARE map")
+    _check_same(experts, "experts", base)
+    k = len(experts)
+    if consensus not in CONSENSUS_CODES:
+        raise ValueError(f"consensus: expected 'sum', 'count' or None, got {consensus!r}")
+    ws = [float(w) for w in _per_expert(weights, k, "weights")]
+    ps, ptrs = [], []
+    for j, p in enumerate(_per_expert(probs, k, "probs")):
+        if isinstance(p, torch.Tensor):
+            check_tensor(p, f"probs[{j}]", "cuda")
+            if p.dtype != torch.float32 or p.numel() != base.numel() or p.device != base.device:
+                raise ValueError(f"probs[{j}]: expected {base.numel()} float32 probabilities on {base.device}")
+            ps.append(0.0), ptrs.append(p.data_ptr())
+        else:
+            ps.append(float(p)), ptrs.append(0)
+    sc = [1.0] * k if scales is None else [float(s) for s in _per_expert(scales, k, "scales")]
+    # No consensus: the torch twin's divisor, fp32 weights summed in order in fp32, |.| < 1e-8 -> 1.
+    acc = torch.tensor(ws[0], dtype=torch.float32)
+    for w in ws[1:]:
+        acc = acc + torch.tensor(w, dtype=torch.float32)
+    divisor = 1.0 if bool(acc.abs() < 1e-8) else float(acc)  # compared in fp32, as the twin does
+    out = _out_like(base, out, out_dtype)
+    with torch.cuda.device(base.device):
+        native.cuda_dare_map(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"),
+                             base.numel(), ws, sc, ps, ptrs, int(seed) & _MASK64,
+                             [int(m) & _MASK32 for m in _per_expert(model_ids, k, "model_ids")],
+                             name_hash(tensor_name), int(start), CONSENSUS_CODES[consensus], bool(normalize),
+                             divisor, float(lambda_), out.data_ptr(), dtype_code(out.dtype, "out"),
+                             _stream_handle(base.device))
+    return out

@@ -317,3 +317,25 @@ def test_argument_errors():
         _native().ties_tensor(x, [x, x], [1.0, 1.0], [0.5])
     with pytest.raises(TypeError, match="not supported"):
         _native().ties_tensor(x.double(), [x.double()], [1.0], [0.5])
+
+
+def task_arithmetic_twin(base, experts, weights, *, lambda_=1.0, normalize=False, out_dtype=None):
+    out = merge_tensors("task_arithmetic", [base, *experts], base_index=0,
+                        params={"lambda": lambda_, "normalize": normalize},
+                        model_params=[{}] + [{"weight": w} for w in weights])
+    return out.to(base.dtype if out_dtype is None else out_dtype)
+
+
+@pytest.mark.parametrize("dtype,k,size", [(torch.float32, 1, 1), (torch.bfloat16, 3, 1023),
+                                          (torch.float16, 4, 65537), (torch.bfloat16, 2, 300007)])
+def test_without_consensus_is_task_arithmetic(dtype, k, size):
+    """consensus=False with nothing trimmed (key -1) is the torch task arithmetic, bit for bit, including the
+    vanishing weight sum (|sum w| < 1e-8 divides by 1) and lambda."""
+    base, experts, weights = _data(size, k, dtype, seed=size + 17 * k)
+    n = base.numel()
+    for ws, normalize, lambda_ in ((weights, False, 1.0), (weights, True, 0.6),
+                                   ([1.0] * (k - 1) + [1e-9 - (k - 1)], True, 1.0)):
+        ref = task_arithmetic_twin(base, experts, ws, lambda_=lambda_, normalize=normalize)
+        got = _native().ties_map(base, experts, ws, [-1] * k, [n] * k, lambda_=lambda_, normalize=normalize,
+                                 consensus=False)
+        assert_bit_equal(got, ref, f"task arithmetic normalize={normalize} lambda={lambda_}")

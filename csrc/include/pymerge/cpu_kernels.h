@@ -65,13 +65,21 @@ void tie_cutoffs(const void* base, const void* const* experts, int64_t k, DType 
 //   s    = d_0 + d_1 + ... (in order);  gamma = s >= 0 ? +1 : -1;  a_j = sgn(d_j) == gamma (1.0f / 0.0f)
 //   m    = d_0 * a_0 + d_1 * a_1 + ...;  v = w_0 * a_0 + w_1 * a_1 + ...  (in order; v == 0 -> 1)
 //   r    = normalize ? m / v : m;  r = r * lambda (skipped when lambda == 1);  out[i] = narrow(base + r)
+// Without consensus (plain task arithmetic on the trimmed vectors): m = s, v = w_0 + w_1 + ... (a constant;
+// |v| < 1e-8 -> 1).
 // The sums start from their first term, not from 0, so -0 survives as in the torch twin. Any cutoff is
 // valid: < 0 keeps no tie, >= n - 1 keeps all. Pre: k >= 1; n >= 0; pointers non-null when n > 0;
 // -1 <= thresh_keys[j] <= 2^31 - 1; weights and lambda finite; out overlaps no input except by being
 // exactly base or an expert with in_dtype == out_dtype.
 void ties_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
               const float* weights, const int32_t* thresh_keys, const int64_t* cutoffs, float lambda,
-              bool normalize, void* out, DType out_dtype);
+              bool normalize, bool consensus, void* out, DType out_dtype);
+
+// ---- NaN/Inf policy ----
+
+// counts[j] = number of i < n whose stored element xs[j][i] is Inf or NaN (exponent field all ones).
+// Pre: k >= 1; n >= 0; xs[j] non-null when n > 0, all of `dtype`; counts holds k int64.
+void count_nonfinite(const void* const* xs, int64_t k, DType dtype, int64_t n, int64_t* counts);
 
 // Number of threads the OpenMP kernels use (1 without OpenMP).
 int max_threads();
