@@ -222,6 +222,11 @@ class Checkpoint:
             )
         return src.rows(name, start, stop)
 
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """(address, length) of tensor ``name`` in its file mapping, or (0, 0) when it is not memory-mapped."""
+        src = self._source(name)
+        return src.byte_range(name) if hasattr(src, "byte_range") else (0, 0)
+
     def files(self) -> list[Path]:
         """The weight files backing this checkpoint."""
         return [s.path for s in self._sources]

@@ -88,6 +88,14 @@ class SafetensorsFile:
             return raw.clone().view(dtype)
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=begin)
 
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """(address, length) of tensor ``name``'s bytes in this process's mapping of the file (for prefetch)."""
+        t = self.info(name)
+        if t.end <= t.begin:
+            return 0, 0
+        base = torch.frombuffer(self._map(), dtype=torch.uint8, count=1).data_ptr()
+        return base + t.begin, t.end - t.begin
+
     def close(self) -> None:
         """Drop this object's mapping; views already handed out stay valid (they keep the mmap alive)."""
         # Never mmap.close() here: torch views do not pin the buffer export, so an explicit close would

@@ -165,9 +165,13 @@ class _Slot:
 
 
 class ShardedWriter:
-    """Writes the shards of a precomputed layout into ``directory`` by offset, in any order, thread-safely."""
+    """Writes the shards of a precomputed layout into ``directory`` by offset, in any order, thread-safely.
 
-    def __init__(self, directory: Path, shards: list[ShardLayout]):
+    With ``resume``, shard files already in ``directory`` (from an interrupted run) are reopened without
+    truncation, so the tensors written before stay in place; ``mark_written`` then counts them as done.
+    """
+
+    def __init__(self, directory: Path, shards: list[ShardLayout], *, resume: bool = False):
         self.directory = Path(directory)
         self.shards = shards
         self._lock = threading.Lock()
@@ -179,9 +183,11 @@ class ShardedWriter:
         try:
             for shard in shards:
                 path = self.directory / shard.filename
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+                trunc = 0 if resume else os.O_TRUNC
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | trunc | getattr(os, "O_CLOEXEC", 0), 0o644)
                 self._fds.append(fd)
-                # Full size up front: the file is sparse until written, and every pwrite lands inside it.
+                # Full size up front: the file is sparse until written, and every pwrite lands inside it. On
+                # resume this also cuts anything past the layout's end and keeps every byte inside it.
                 os.ftruncate(fd, shard.file_size)
                 _pwrite_all(fd, len(shard.header).to_bytes(8, "little") + shard.header, 0)
                 data_start = 8 + len(shard.header)
@@ -248,6 +254,14 @@ class ShardedWriter:
             f"output tensor {t.name!r}: data of shape {tuple(data.shape)} is not a whole number of rows of "
             f"shape {t.shape}"
         )
+
+    def mark_written(self, name: str) -> None:
+        """Count every row of ``name`` as written without writing it (its bytes are already in the file)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise MergeError(f"output tensor {name!r} is not in the output layout")
+        with self._lock:
+            slot.mark(0, slot.tensor.n_rows)
 
     def is_complete(self, name: str) -> bool:
         """Whether every row of ``name`` has been written."""

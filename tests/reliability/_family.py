@@ -56,5 +56,6 @@ def ties_config(paths: list[Path], **params) -> dict:
 
 
 def leftovers(root: Path) -> list[str]:
-    """Names of temporary output directories pymerge left in ``root`` (must be none)."""
-    return sorted(p.name for p in root.iterdir() if ".pymerge-tmp-" in p.name or ".pymerge-old-" in p.name)
+    """Names of temporary or partial output directories pymerge left in ``root``."""
+    marks = (".pymerge-tmp-", ".pymerge-old-", ".pymerge-partial")
+    return sorted(p.name for p in root.iterdir() if any(m in p.name for m in marks))

@@ -1,4 +1,5 @@
-"""Free space: refused up front when the disk is too full; a disk filling up mid-merge is one clear error."""
+"""Free space: refused up front when the disk is too full; a disk filling up mid-merge is one clear error and
+leaves a partial run that the same call finishes once there is room."""
 
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def _failing_write(monkeypatch, fail_at, err):
             raise err
         real(self, name, data, row_start)
         state["bytes"] += data.numel() * data.element_size()
+        state.setdefault("written", []).append(name)
 
     monkeypatch.setattr(ShardedWriter, "write", write)
     return state
@@ -134,7 +136,21 @@ def test_disk_full_mid_merge_names_the_file_and_the_bytes_left(tmp_path, family,
     shard = next(f"model-0000{i + 1}-of-00003.safetensors" for i in range(3)
                  if state["failed_tensor"] in _names_in_shard(cfg, i))
     assert f"writing {out / shard} failed" in msg
-    assert not out.exists() and leftovers(tmp_path) == []
+    # The partial run stays for the next one: once there is room again, the same call finishes it.
+    assert msg.endswith("free some space and run the same command again to resume")
+    assert not out.exists() and leftovers(tmp_path) == [".out.pymerge-partial"]
+    monkeypatch.undo()
+    report = pymerge.merge(cfg, out, quiet=True, out_shard_size="20KB", max_memory=budget, check_space=False)
+    finished = set(state["written"]) - {state["failed_tensor"]}  # tensors are merged one after the other
+    assert report.resumed_tensors == len(finished) and report.tensors == 3
+    if budget is None:
+        assert len(finished) == 2  # one write per tensor: the first two were complete
+    pymerge.merge(cfg, tmp_path / "clean", quiet=True, out_shard_size="20KB")
+    assert _all_bytes(out) == _all_bytes(tmp_path / "clean") and leftovers(tmp_path) == []
+
+
+def _all_bytes(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
 def _names_in_shard(cfg, i):
@@ -164,9 +180,9 @@ def test_failing_fsync_at_close_and_failing_extras_are_reported(tmp_path, family
 
     with monkeypatch.context() as m:
         m.setattr(ShardedWriter, "close", bad_close)
-        with pytest.raises(MergeError, match=r"writing .*out failed: Input/output error \(EIO\)"):
+        with pytest.raises(MergeError, match=r"writing .*out failed: Input/output error \(EIO\).*to resume$"):
             pymerge.merge(cfg, tmp_path / "out", quiet=True)
-    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == [".out.pymerge-partial"]
 
     import pymerge.api as api
 
@@ -177,7 +193,10 @@ def test_failing_fsync_at_close_and_failing_extras_are_reported(tmp_path, family
     with pytest.raises(MergeError) as ei:
         pymerge.merge(cfg, tmp_path / "out", quiet=True)
     assert f"writing {tmp_path / 'out' / 'pymerge_manifest.json'} failed" in str(ei.value)
-    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == [".out.pymerge-partial"]
+    monkeypatch.undo()
+    assert pymerge.merge(cfg, tmp_path / "out", quiet=True).resumed_tensors == 3  # journaled before the fsync
+    assert leftovers(tmp_path) == [] and pymerge.verify(tmp_path / "out").tensors == 3
 
 
 def test_cli_disk_full_is_one_line(tmp_path, family, monkeypatch):
@@ -188,4 +207,6 @@ def test_cli_disk_full_is_one_line(tmp_path, family, monkeypatch):
     assert res.exit_code == 1
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: writing {tmp_path / 'out' / 'model.safetensors'} failed")
-    assert "Traceback" not in res.output and not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert lines[0].endswith("run the same command again to resume")
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == [".out.pymerge-partial"]

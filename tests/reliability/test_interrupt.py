@@ -1,4 +1,5 @@
-"""Ctrl-C: ``pymerge run`` interrupted mid-merge exits 130 with one line ``error: interrupted`` and leaves nothing."""
+"""Ctrl-C: ``pymerge run`` interrupted mid-merge exits 130 with one line ``error: interrupted (...)``, keeps its
+partial run, and the same command then finishes it with the bytes of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import time
 from pathlib import Path
 
 import yaml
+from click.testing import CliRunner
+
+from pymerge.cli import main
 
 from ._family import leftovers, ties_config, make_family
 
@@ -53,7 +57,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def test_sigint_mid_merge_exits_130_and_removes_the_temp_dir(tmp_path):
+def test_sigint_mid_merge_exits_130_and_the_same_command_resumes(tmp_path):
     paths = make_family(tmp_path / "f")
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump(ties_config(paths)))
@@ -65,10 +69,21 @@ def test_sigint_mid_merge_exits_130_and_removes_the_temp_dir(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(marker), "run", str(cfg), str(out), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _wait_for(marker, proc, timeout=60)
-    temps = [p for p in work.iterdir() if ".pymerge-tmp-" in p.name]
-    assert len(temps) == 1 and any(temps[0].iterdir())  # the merge really was writing its output
+    partial = work / ".out.pymerge-partial"
+    assert any((partial / "output").iterdir())  # the merge really was writing its output
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
-    assert stderr == "error: interrupted\n" and stdout == ""
-    assert list(work.iterdir()) == [] and leftovers(work) == []
+    assert stderr == (f"error: interrupted (partial merge kept in {partial}; run the same command again to "
+                      "resume)\n") and stdout == ""
+    assert [p.name for p in work.iterdir()] == [partial.name] and leftovers(work) == [partial.name]
+
+    res = CliRunner().invoke(main, ["run", str(cfg), str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "3 tensors (1 resumed)" in res.output  # the first tensor was finished before the interrupt
+    assert leftovers(work) == []
+    clean = tmp_path / "clean"
+    assert CliRunner().invoke(main, ["run", str(cfg), str(clean), "-q"]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
+    for f in clean.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name

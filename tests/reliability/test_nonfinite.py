@@ -52,13 +52,26 @@ def test_global_trim_checks_in_its_first_pass(tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("budget", [None, 24 * 1024], ids=["resident", "chunked"])
-def test_allowed_nonfinite_values_propagate_and_the_rest_is_unchanged(tmp_path, budget):
+def _native_built() -> bool:
+    from pymerge._native import native_module
+
+    return native_module() is not None
+
+
+# The native kernels read the memory maps in place (only output rows count against the budget), so they need
+# a far smaller budget than the torch backend's fp32 stacks to stream in chunks.
+@pytest.mark.parametrize("backend,budget", [
+    ("torch", None), ("torch", 24 * 1024),
+    pytest.param("cpu", None, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
+    pytest.param("cpu", 512, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
+], ids=["torch-resident", "torch-chunked", "cpu-resident", "cpu-chunked"])
+def test_allowed_nonfinite_values_propagate_and_the_rest_is_unchanged(tmp_path, backend, budget):
     paths = make_family(tmp_path / "f")
-    clean = pymerge.merge(linear_config(paths), tmp_path / "clean", quiet=True, max_memory=budget)
+    clean = pymerge.merge(linear_config(paths), tmp_path / "clean", quiet=True, max_memory=budget, backend=backend)
     poke(paths[1], MATRIX, {(3, 4): INF, (60, 96): NAN})
     poke(paths[2], VECTOR, {(10,): -INF})
-    pymerge.merge(linear_config(paths), tmp_path / "dirty", quiet=True, max_memory=budget, allow_nonfinite=True)
+    pymerge.merge(linear_config(paths), tmp_path / "dirty", quiet=True, max_memory=budget, allow_nonfinite=True,
+                  backend=backend)
     assert clean.tensors == 3 and (clean.chunked_tensors > 0) == (budget is not None)
     a = load_file(str(tmp_path / "clean" / "model.safetensors"))
     b = load_file(str(tmp_path / "dirty" / "model.safetensors"))
