@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from .config import MergeConfig, load_config
-from .executor import execute
-from .io.atomic_dir import AtomicOutputDir
+from .errors import MergeError
+from .executor import ExecStats, execute
+from .io.atomic_dir import AtomicOutputDir, ResumableOutputDir, partial_bytes
 from .io.disk_space import DISK_ERRNOS, GuardedWriter, check_free_space, disk_error, planned_bytes
+from .io.fingerprint import run_fingerprint
+from .io.journal import Journal, TensorCommitter, fault_after_from_env, read_journal, verify_entries
 from .io.manifest import VerifyReport, verify_output, write_manifest
 from .io.output_extras import TOKENIZER_FILES, copy_tokenizer_files, write_config_json, write_model_card
 from .io.safetensors_writer import ShardedWriter
-from .ops.backend import resolve_backend, resolve_device
+from .ops.backend import requested_backend, resolve_backend, resolve_device
 from .plan import Plan, build_plan
 from .sizes import default_max_memory, parse_size
 
@@ -41,6 +44,7 @@ class MergeReport:
     seconds: float
     max_memory: int
     chunked_tensors: int
+    resumed_tensors: int = 0  # tensors kept from an interrupted run (counted in ``tensors``)
 
     @property
     def gb_per_s(self) -> float:
@@ -86,11 +90,17 @@ def _tokenizer_sources(plan: Plan) -> list[Path]:
 def merge(config_or_path: MergeConfig | str | Path | dict, out_dir: str | Path, *, device: str = "auto",
           backend: str = "auto", max_memory: str | int | None = None, max_gpu_memory: str | int | None = None,
           out_shard_size: str | int = "5GB", seed: int = 0, quiet: bool = False, overwrite: bool = False,
-          allow_pickle: bool = False, allow_nonfinite: bool = False, check_space: bool = True) -> MergeReport:
+          allow_pickle: bool = False, allow_nonfinite: bool = False, check_space: bool = True,
+          restart: bool = False) -> MergeReport:
     """Merge the models a mergekit-style config names into ``out_dir`` and return a ``MergeReport``.
 
-    Every input header is validated before any weight is read; the output is written into a temporary
-    directory beside ``out_dir`` and renamed into place only when complete, so a failed merge leaves nothing.
+    Every input header is validated before any weight is read; the output is written into
+    ``.<name>.pymerge-partial/`` beside ``out_dir`` and renamed into place only when complete. A merge that
+    is interrupted (Ctrl-C, a kill, a crash, a full disk) leaves that partial directory behind, and calling
+    ``merge`` again with the same arguments continues it: tensors recorded in its journal whose bytes still
+    check out are kept, the rest are merged, and the result is byte-identical to an uninterrupted run. A
+    partial run of a different merge (config, seed, inputs, layout or version differ) is refused with a
+    MergeError; ``restart`` discards any partial run first. Other errors remove the partial directory.
     A NaN/Inf in any input is a MergeError unless ``allow_nonfinite``; a filesystem without room for the
     output is refused before writing unless ``check_space`` is False. The output ends with
     ``pymerge_manifest.json`` (sizes and sha256 of every file) for ``verify``.
@@ -104,45 +114,103 @@ def merge(config_or_path: MergeConfig | str | Path | dict, out_dir: str | Path, 
         parse_size(max_gpu_memory, "max_gpu_memory")  # validated; used by the GPU executor
     shard_bytes = parse_size(out_shard_size, "out_shard_size")
     plan = build_plan(config, seed=seed, out_shard_size=shard_bytes, allow_pickle=allow_pickle)
+    plan.backend, plan.backend_explicit = chosen, requested_backend(backend) != "auto"
     try:
         log.info("merging %d tensors with %s (%s backend), budget %.2f GB", len(plan.tensors),
                  config.merge_method, chosen, budget / 1e9)
         if check_space:
-            check_free_space(out_dir, planned_bytes(plan.shards, _tokenizer_sources(plan)))
-        out = AtomicOutputDir(out_dir, overwrite=overwrite)
-        writer: GuardedWriter | None = None
-        try:
-            writer = GuardedWriter(ShardedWriter(out.path, plan.shards), shown_dir=out.final)
-            stats = execute(plan, writer, max_memory=budget, progress=not quiet,  # type: ignore[arg-type]
-                            allow_nonfinite=allow_nonfinite)
-            writer.close()
-            writer.writer.write_index()
-            _write_extras(plan, out.path)
-            write_manifest(out.path, plan.shards, pymerge_version=_version())
-            final = out.commit()
-        except OSError as e:
-            if writer is not None:
-                writer.abort()
-            out.abort()
-            if e.errno not in DISK_ERRNOS:
-                raise
-            # Shard writes were already reported by GuardedWriter; this is the index, extras or manifest.
-            left = writer.remaining if writer else sum(sh.file_size for sh in plan.shards)
-            raise disk_error(e, _shown_path(e.filename, out), left) from e
-        except BaseException:
-            if writer is not None:
-                writer.abort()  # close the shard files before the directory goes
-            out.abort()
-            raise
+            reusable = 0 if restart else partial_bytes(out_dir)  # a resumed run rewrites its shards in place
+            check_free_space(out_dir, planned_bytes(plan.shards, _tokenizer_sources(plan)) - reusable)
+        out = ResumableOutputDir(out_dir, fingerprint=_fingerprint(plan, seed), overwrite=overwrite,
+                                 restart=restart)
+        stats, resumed, final = _run_in(out, plan, budget, quiet=quiet, allow_nonfinite=allow_nonfinite)
     finally:
         plan.close()
     report = MergeReport(out_dir=str(final), method=config.merge_method, backend=chosen, device=dev,
-                         tensors=stats.tensors, shards=len(plan.shards), bytes_read=stats.bytes_read,
+                         tensors=stats.tensors + resumed, shards=len(plan.shards), bytes_read=stats.bytes_read,
                          bytes_written=stats.bytes_written, seconds=time.perf_counter() - t0, max_memory=budget,
-                         chunked_tensors=stats.chunked_tensors)
-    log.info("wrote %s: %d tensors, %.2f GB in %.2f s", final, report.tensors, report.bytes_written / 1e9,
-             report.seconds)
+                         chunked_tensors=stats.chunked_tensors, resumed_tensors=resumed)
+    log.info("wrote %s: %d tensors (%d resumed), %.2f GB in %.2f s", final, report.tensors, resumed,
+             report.bytes_written / 1e9, report.seconds)
     return report
+
+
+def _fingerprint(plan: Plan, seed: int) -> dict[str, str]:
+    files = [f for label in sorted(plan.checkpoints) for f in plan.checkpoints[label].files()]
+    return run_fingerprint(config_yaml=plan.config.to_yaml(), seed=seed, input_files=files, shards=plan.shards,
+                           pymerge_version=_version())
+
+
+def _resume_point(out: ResumableOutputDir, plan: Plan) -> set[str]:
+    """The tensors an interrupted run already wrote and journaled whose bytes still match their checksum."""
+    if not out.resumed:
+        return set()
+    entries = read_journal(out.journal_path)
+    done, bad = verify_entries(out.path, plan.shards, entries)
+    done &= {t.name for t in plan.tensors}
+    log.info("resuming %s: %d of %d tensors already written and verified%s", out.final, len(done),
+             len(plan.tensors), f", {len(bad)} failed their checksum and are merged again" if bad else "")
+    if bad:
+        log.warning("resume: merging again %d tensor(s) whose bytes no longer match the journal: %s", len(bad),
+                    ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    return done
+
+
+def _run_in(out: ResumableOutputDir, plan: Plan, budget: int, *, quiet: bool,
+            allow_nonfinite: bool) -> tuple[ExecStats, int, Path]:
+    """Merge into the partial directory ``out`` (continuing it if it was resumed) and commit it.
+
+    An interruption or a full/failing disk keeps the partial directory for the next run; any other error
+    removes it (it would recur: a bad input, a bug).
+    """
+    writer: GuardedWriter | None = None
+    committer: TensorCommitter | None = None
+    try:
+        done = _resume_point(out, plan)
+        sharded = ShardedWriter(out.path, plan.shards, resume=out.resumed)
+        writer = GuardedWriter(sharded, shown_dir=out.final)
+        for name in done:
+            sharded.mark_written(name)
+        writer.written += sum(pt.out_bytes for pt in plan.tensors if pt.name in done)
+        committer = TensorCommitter(out.path, plan.shards, Journal(out.journal_path),
+                                    fault_after=fault_after_from_env())
+        stats = execute(plan, writer, max_memory=budget, progress=not quiet,  # type: ignore[arg-type]
+                        allow_nonfinite=allow_nonfinite, skip=done, on_tensor_done=committer.tensor_done)
+        committer.close()  # every merged tensor journaled: a crash from here on loses no tensor
+        writer.close()
+        writer.writer.write_index()
+        _write_extras(plan, out.path)
+        write_manifest(out.path, plan.shards, pymerge_version=_version())
+        return stats, len(done), out.commit()
+    except BaseException as e:
+        keep = _resumable(e)
+        if committer is not None:
+            committer.close(raise_errors=False)  # journal what is finished, so the next run keeps it
+        if writer is not None:
+            writer.abort()  # close the shard files before the directory goes (or stays)
+        if not keep:
+            out.abort()
+            raise
+        out.keep()
+        hint = (f"; the partial merge is kept in {out.root}: free some space and run the same command again "
+                "to resume")
+        if isinstance(e, OSError):
+            left = writer.remaining if writer else sum(sh.file_size for sh in plan.shards)
+            raise MergeError(str(disk_error(e, _shown_path(e.filename, out), left)) + hint) from e
+        if isinstance(e, MergeError):
+            raise MergeError(str(e) + hint) from e.__cause__
+        raise
+
+
+def _resumable(e: BaseException) -> bool:
+    """Whether a merge stopped by ``e`` should leave its partial directory for the next run to continue."""
+    if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in DISK_ERRNOS
+    # GuardedWriter reports a full disk as a MergeError caused by the OSError
+    cause = e.__cause__
+    return isinstance(e, MergeError) and isinstance(cause, OSError) and cause.errno in DISK_ERRNOS
 
 
 def _shown_path(filename: object, out: AtomicOutputDir) -> Path:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import MergeError
+from .io.prefetch import Prefetcher
 from .io.safetensors_writer import ShardedWriter
 from .methods import Chunk, TensorJob
 from .ops.threads import threads_for
@@ -56,6 +57,21 @@ def _view_rows(t: torch.Tensor, job: TensorJob, start: int, stop: int) -> torch.
     return t.reshape(job.rows, job.row_numel)[start:stop]
 
 
+def input_rows(plan: Plan, pt: PlannedTensor, start: int, stop: int) -> list[torch.Tensor]:
+    """Rows [start, stop) of every input of ``pt`` as [rows, row_numel] tensors in their stored dtype.
+
+    Through ``Checkpoint.rows``: zero-copy views of the memory maps for safetensors, and only those rows computed
+    for inputs that are computed (LoRA adapters), so a chunk never materializes a whole input tensor.
+    """
+    job = pt.job
+    out = []
+    for m, name in pt.sources:
+        ck = plan.checkpoints[m]
+        t = ck.rows(name, start, stop) if len(pt.shape) >= 2 else ck.tensor(name)  # a vector is one job row
+        out.append(t.reshape(stop - start, job.row_numel))
+    return out
+
+
 class _Loader:
     """Reads row ranges of every input of one tensor into a reusable fp32 stack.
 
@@ -68,14 +84,17 @@ class _Loader:
         self.plan, self.pt, self.stats = plan, pt, stats
         self.job = pt.job
         self.check_finite = check_finite
-        self.views = [plan.checkpoints[m].tensor(name) for m, name in pt.sources]
+
+    @property
+    def views(self) -> list[torch.Tensor]:
+        """Every input tensor whole (only the non-finite error report needs them)."""
+        return [self.plan.checkpoints[m].tensor(name) for m, name in self.pt.sources]
 
     def load(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         n = stop - start
         if out is None or out.shape[1] != n:
-            out = torch.empty(len(self.views), n, self.job.row_numel, dtype=torch.float32)
-        for i, v in enumerate(self.views):
-            src = _view_rows(v, self.job, start, stop)
+            out = torch.empty(len(self.pt.sources), n, self.job.row_numel, dtype=torch.float32)
+        for i, src in enumerate(input_rows(self.plan, self.pt, start, stop)):
             out[i].copy_(src)  # widening copy: bf16/f16 -> f32 is exact
             self.stats.bytes_read += src.numel() * src.element_size()
         if self.check_finite and not bool(out.sum().isfinite()):
@@ -89,14 +108,20 @@ class _Loader:
         """MergeError listing every input whose whole tensor holds NaN/Inf (after the fp32 widening)."""
         if all(bool(torch.isfinite(stack[i]).all()) for i in range(stack.shape[0])):
             return  # a finite sum that overflowed, not a bad input
-        found = []
-        for (model, name), v in zip(self.pt.sources, self.views):
-            nan, inf = _count_nonfinite(v, self.job, max(stack.shape[1], 1))
-            if nan or inf:
-                what = " and ".join(f"{c} {k}" for c, k in ((nan, "NaN"), (inf, "Inf")) if c)
-                found.append(f"model '{model}' (input tensor '{name}': {what} of {self.job.numel})")
-        raise MergeError(f"tensor '{self.job.name}': non-finite values in {', '.join(found)}; "
-                         "pass allow_nonfinite=True (--allow-nonfinite) to merge them anyway")
+        raise_nonfinite(self.pt, self.views, max(stack.shape[1], 1))
+
+
+def raise_nonfinite(pt: PlannedTensor, views: list[torch.Tensor], step: int) -> None:
+    """MergeError naming every input of ``pt`` that holds NaN/Inf, with the counts (read ``step`` rows at a time)."""
+    job = pt.job
+    found = []
+    for (model, name), v in zip(pt.sources, views):
+        nan, inf = _count_nonfinite(v, job, step)
+        if nan or inf:
+            what = " and ".join(f"{c} {k}" for c, k in ((nan, "NaN"), (inf, "Inf")) if c)
+            found.append(f"model '{model}' (input tensor '{name}': {what} of {job.numel})")
+    raise MergeError(f"tensor '{job.name}': non-finite values in {', '.join(found)}; "
+                     "pass allow_nonfinite=True (--allow-nonfinite) to merge them anyway")
 
 
 def _count_nonfinite(view: torch.Tensor, job: TensorJob, step: int) -> tuple[int, int]:
@@ -129,8 +154,9 @@ def run_global_passes(plan: Plan, budget: int, stats: ExecStats, *, check_finite
         for pt in plan.tensors:
             loader = _Loader(plan, pt, stats, check_finite=check_finite and p == 0)
             step = chunk_rows(pt.job, method.scratch_factor, FP32, budget)
-            for a, b in _chunks(pt.job.rows, step):
-                method.global_reduce(state, p, pt.job, Chunk(a, b, loader.load(a, b)))
+            with threads_for(pt.job.numel * len(pt.job.inputs)):  # small tensors: one thread (ops/threads.py)
+                for a, b in _chunks(pt.job.rows, step):
+                    method.global_reduce(state, p, pt.job, Chunk(a, b, loader.load(a, b)))
         result = method.global_end_pass(state, p)
     for job in jobs:
         job.global_state = result
@@ -148,10 +174,16 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tenso
     if job.numel == 0:
         writer_fn(torch.empty((0,) if len(pt.shape) < 2 else (job.rows, *pt.shape[1:]), dtype=pt.out_dtype), 0)
         return
+    job.backend, job.backend_explicit = plan.backend, plan.backend_explicit
+    job.in_dtypes = tuple(plan.checkpoints[m].info(n).torch_dtype for m, n in pt.sources)
+    job.out_dtype = pt.out_dtype
+    merge = method.start(job)
     itemsize = torch.empty(0, dtype=pt.out_dtype).element_size()
+    if merge.raw_inputs:
+        _merge_raw(plan, pt, merge, writer_fn, budget, stats, itemsize, check_finite=check_finite)
+        return
     step = chunk_rows(job, method.scratch_factor, itemsize, budget)
     chunks = _chunks(job.rows, step)
-    merge = method.start(job)
     loader = _Loader(plan, pt, stats, check_finite=check_finite)
     resident = len(chunks) == 1
     if not resident:
@@ -178,24 +210,84 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tenso
         stats.bytes_written += out.numel() * itemsize
 
 
+def _merge_raw(plan: Plan, pt: PlannedTensor, merge, writer_fn: Callable[[torch.Tensor, int], None], budget: int,
+               stats: ExecStats, itemsize: int, *, check_finite: bool) -> None:
+    """Drive a ``raw_inputs`` merge: chunks are row views of the memory maps in their stored dtype, re-read by
+    every pass (from the page cache), so only the output chunk counts against the budget."""
+    from .ops.native_cpu import count_nonfinite
+
+    job = pt.job
+    per_row = job.row_numel * itemsize
+    step = min(job.rows, budget // max(per_row, 1))
+    if step < 1:
+        raise MergeError(f"tensor '{job.name}': one output row needs {per_row / 2**20:.1f} MiB, more than the "
+                         f"budget of {budget / 2**20:.1f} MiB; raise --max-memory")
+    chunks = _chunks(job.rows, step)
+    if len(chunks) > 1:
+        stats.chunked_tensors += 1
+    first = True
+
+    def each_chunk() -> Iterator[Chunk]:
+        nonlocal first
+        for a, b in chunks:
+            raw = input_rows(plan, pt, a, b)
+            if first:
+                stats.bytes_read += sum(r.numel() * r.element_size() for r in raw)
+                if check_finite and any(count_nonfinite(raw)):
+                    raise_nonfinite(pt, [plan.checkpoints[m].tensor(n) for m, n in pt.sources], step)
+            yield Chunk(a, b, None, raw)
+        first = False
+
+    for p in range(merge.reduce_passes):
+        for chunk in each_chunk():
+            merge.reduce(p, chunk)
+        merge.end_pass(p)
+    for chunk in each_chunk():
+        out = merge.map(chunk)
+        writer_fn(out, chunk.row_start)
+        stats.bytes_written += out.numel() * itemsize
+
+
 def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: bool = True,
-            allow_nonfinite: bool = False) -> ExecStats:
+            allow_nonfinite: bool = False, skip: set[str] | frozenset[str] = frozenset(),
+            on_tensor_done: Callable[[str], None] | None = None) -> ExecStats:
     """Merge every planned tensor into ``writer`` within ``max_memory`` bytes of working memory.
 
     Unless ``allow_nonfinite``, a NaN/Inf in any input is a MergeError (raised on the first read of its chunk).
+    Tensors named in ``skip`` (already written by an interrupted run being resumed) are not merged; whole-model
+    passes still read them. ``on_tensor_done(name)`` is called once a merged tensor's last row is written.
+    ``stats.tensors`` counts the tensors merged by this call.
     """
     stats = ExecStats()
     t0 = time.perf_counter()
     checked = run_global_passes(plan, max_memory, stats, check_finite=not allow_nonfinite)
+
+    def input_bytes(pt: PlannedTensor) -> int:
+        return sum(plan.checkpoints[m].info(n).nbytes for m, n in pt.sources)
+
+    resumed = sum(1 for pt in plan.tensors if pt.name in skip)
+    note = f" ({resumed} resumed)" if resumed else ""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(total=plan.input_bytes, initial=sum(input_bytes(pt) for pt in plan.tensors if pt.name in skip),
+                   unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True, leave=False)
+        if resumed:
+            bar.set_postfix_str(f"{resumed}/{len(plan.tensors)} tensors{note}")
+    todo = [pt for pt in plan.tensors if pt.name not in skip]
+    prefetcher = Prefetcher()  # maps the next tensor's input pages while this one is merged (io/prefetch.py)
+
+    def prefetch(i: int) -> None:
+        if i < len(todo):
+            cks = plan.checkpoints  # computed inputs (LoRA adapters) have no file range to prefetch
+            prefetcher.submit(cks[m].byte_range(n) for m, n in todo[i].sources if hasattr(cks[m], "byte_range"))
+
+    prefetch(0)
     try:
-        done = 0  # input bytes of the finished tensors (re-reads of chunked passes not counted twice)
-        for i, pt in enumerate(plan.tensors):
+        done = 0  # input bytes of the tensors merged here (re-reads of chunked passes not counted twice)
+        for i, pt in enumerate(todo):
+            prefetch(i + 1)
 
             def write(out: torch.Tensor, row_start: int, pt=pt) -> None:
                 shape = pt.shape if len(pt.shape) < 2 else (out.shape[0], *pt.shape[1:])
@@ -203,14 +295,18 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
 
             with threads_for(pt.job.numel * len(pt.job.inputs)):
                 merge_tensor(plan, pt, write, max_memory, stats, check_finite=not (allow_nonfinite or checked))
+            if on_tensor_done is not None:
+                on_tensor_done(pt.name)
             stats.tensors += 1
             if bar is not None:
-                size = sum(plan.checkpoints[m].info(n).nbytes for m, n in pt.sources)
+                size = input_bytes(pt)
                 done += size
                 bar.update(size)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{i + 1}/{len(plan.tensors)} tensors, {done / elapsed / 1e9:.2f} GB/s")
+                bar.set_postfix_str(f"{resumed + stats.tensors}/{len(plan.tensors)} tensors{note}, "
+                                    f"{done / elapsed / 1e9:.2f} GB/s")
     finally:
+        prefetcher.close()
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - t0

@@ -24,8 +24,10 @@ import torch
 from .config import MergeConfig, candidate_paths, layer_t, load_config, parse_dtype, resolve_parameter
 from .errors import CheckpointError, ConfigError, MergeError
 from .io.checkpoint import Checkpoint
+from .io.lora import open_lora_reference
 from .io.safetensors_format import TORCH_TO_ST, TensorInfo
 from .io.safetensors_writer import ShardLayout, plan_shards
+from .io.statistics import StatisticsReader
 from .methods import Method, TensorJob, get_method
 
 _LAYER_RE = re.compile(r"^(?P<head>(?:.*\.)?(?:layers|h|blocks|layer)\.)(?P<idx>\d+)(?P<tail>\..+)$")
@@ -70,6 +72,8 @@ class Plan:
     tokenizer_model: str | None  # label whose tokenizer files are copied
     num_layers: int | None  # output layer count (None when the model has no numbered layers)
     global_params: dict[str, Any] = field(default_factory=dict)
+    backend: str = "torch"  # kernel backend the merge runs on (set by the caller after resolve_backend)
+    backend_explicit: bool = False  # asked for by name: a tensor the backend cannot run is then an error
 
     @property
     def input_bytes(self) -> int:
@@ -95,6 +99,11 @@ def _open_models(config: MergeConfig, allow_pickle: bool) -> dict[str, Checkpoin
     config_dir = config.source_path.parent if config.source_path else None
     out: dict[str, Checkpoint] = {}
     for ref in config.referenced_models():
+        adapter = open_lora_reference(ref, config.base_model, lambda r: candidate_paths(r, config_dir),
+                                      allow_pickle=allow_pickle)  # PEFT adapters stand where models do
+        if adapter is not None:
+            out[ref] = adapter  # type: ignore[assignment]  # same interface as Checkpoint
+            continue
         found = next((p for p in candidate_paths(ref, config_dir) if p.exists()), None)
         if found is None:
             tried = ", ".join(str(p) for p in candidate_paths(ref, config_dir))
@@ -244,6 +253,9 @@ def _plan(config: MergeConfig, method: Method, cks: dict[str, Checkpoint], seed:
     template = layer_tails.get(min(layer_tails)) if layer_tails else []
 
     planned: list[PlannedTensor] = []
+    stats = StatisticsReader(config.source_path.parent if config.source_path else None)
+    stat_params = [p for p in method.spec.params if p.statistics]
+    shapes = {m: {n: ck.info(n).shape for n in ck.names()} for m, ck in cks.items()} if stat_params else {}
 
     def add(out_name: str, s: _Slice, in_names: list[str], t: float):
         inputs = [m for m, _ in s.sources]
@@ -264,6 +276,9 @@ def _plan(config: MergeConfig, method: Method, cks: dict[str, Checkpoint], seed:
         params, model_params = _resolve(config, method, out_name, t, inputs, in_names, base_index, s.index)
         job = TensorJob(name=out_name, shape=shape, inputs=inputs, base_index=base_index, params=params,
                         model_params=model_params, model_ids=[model_ids[m] for m in inputs], seed=seed)
+        for sp in stat_params:  # per-model statistics files (fisher, regmean): validated zero-copy views
+            job.aux[sp.name] = [stats.for_tensor(mp.get(sp.name), sp.statistics, m, shapes[m], n)
+                                for m, n, mp in zip(inputs, in_names, model_params)]
         ref_info = infos[base_index if base_index is not None else 0]
         out_dtype = out_dtype_cfg or compute_dtype or ref_info.torch_dtype
         planned.append(PlannedTensor(out_name, shape, out_dtype, list(zip(inputs, in_names)), job))

@@ -14,6 +14,11 @@ A ``Chunk`` holds whole rows ``[row_start, row_stop)`` of every input, widened t
 every pass runs on data that is already resident. Map passes (and reduce passes that rebuild masks) see the
 chunks in row order, which is what lets exact top-k ties be broken by lowest flat index across chunks.
 
+A method that runs on a native backend (``job.backend``: ``cpu``) may return a merge with ``raw_inputs`` set:
+its chunks then carry ``raw``, the stored bytes of every input as [rows, row_numel] views of the memory maps
+(no fp32 copy), and its ``map`` returns the output rows already in ``job.out_dtype``. Such a merge must give
+the same bytes as the method's torch merge.
+
 Methods that need whole-model statistics (``ties`` with ``trim_scope: global``) also implement the
 ``global_*`` hooks: the executor then runs ``global_passes`` reduce passes over every tensor first.
 """
@@ -38,6 +43,9 @@ class ParamSpec:
     per_model: bool = False
     required: bool = False
     doc: str = ""
+    # A per-model path to a statistics file of this kind ("fisher" or "gram", see pymerge/io/statistics.py):
+    # the plan opens and validates it, and the method gets this tensor's statistics in TensorJob.aux[name].
+    statistics: str | None = None
 
     def coerce(self, value: Any, where: str) -> Any:
         """Validate one resolved value (YAML may give ints for floats, or numeric strings)."""
@@ -94,6 +102,15 @@ class TensorJob:
     model_ids: list[int]  # stable per-model ids (position in the config's model list): Philox stream ids
     seed: int = 0
     global_state: Any = None  # whatever the method's global passes produced
+    # Filled by the executor before ``Method.start``: the kernel backend chosen for the merge, whether the user
+    # asked for it explicitly (then a tensor it cannot run is an error, not a fallback), and the dtypes.
+    backend: str = "torch"
+    backend_explicit: bool = False
+    in_dtypes: tuple = ()  # stored dtype of each input, aligned with ``inputs``
+    out_dtype: Any = None  # torch dtype of the output tensor
+    # per-model auxiliary inputs of params declared with ``statistics``: name -> one tensor (or None) per input,
+    # aligned with ``inputs``; zero-copy views filled by the plan (methods never open files)
+    aux: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -119,25 +136,32 @@ class TensorJob:
 
 @dataclass
 class Chunk:
-    """Whole rows [row_start, row_stop) of every input as fp32 ``data[n_inputs, rows, row_numel]``."""
+    """Whole rows [row_start, row_stop) of every input: as fp32 ``data[n_inputs, rows, row_numel]``, or for a
+    ``raw_inputs`` merge as ``raw`` (one stored-dtype [rows, row_numel] view per input) with ``data`` None."""
 
     row_start: int
     row_stop: int
-    data: torch.Tensor
+    data: torch.Tensor | None
+    raw: list[torch.Tensor] | None = None
+
+    @property
+    def row_numel(self) -> int:
+        return self.data.shape[2] if self.data is not None else self.raw[0].shape[1]  # type: ignore[index]
 
     @property
     def flat_start(self) -> int:
-        return self.row_start * self.data.shape[2]
+        return self.row_start * self.row_numel
 
     @property
     def numel(self) -> int:
-        return self.data.shape[1] * self.data.shape[2]
+        return (self.row_stop - self.row_start) * self.row_numel
 
 
 class TensorMerge:
     """One output tensor's merge: reduce passes (statistics), then the map pass (output rows)."""
 
     reduce_passes: int = 0
+    raw_inputs: bool = False  # chunks carry the stored bytes (``Chunk.raw``), map returns ``job.out_dtype``
 
     def reduce(self, p: int, chunk: Chunk) -> None:  # pragma: no cover - methods without reduce passes
         raise NotImplementedError

@@ -1,6 +1,8 @@
 """Linear (model soups): theta = sum_i w_i theta_i / sum_i w_i  (normalize, the default) or sum_i w_i theta_i.
 
 mergekit's ``linear``: every input model (the base too, when it is listed or configured) needs a ``weight``.
+The sum starts from the first product (not from 0), and the divisor is the weights' float64 sum rounded to
+fp32: the same bits as the native weighted-sum kernel (and within an ulp of mergekit's).
 Deliberate difference: weights summing to zero with normalize on are an error here (mergekit writes inf/NaN).
 """
 
@@ -14,23 +16,60 @@ from .base import Chunk, Method, MethodSpec, ParamSpec, TensorJob, TensorMerge
 
 class _LinearMerge(TensorMerge):
     def __init__(self, job: TensorJob):
-        self.w = torch.tensor([float(p["weight"]) for p in job.model_params], dtype=torch.float32)
+        weights = [float(p["weight"]) for p in job.model_params]
+        self.w = torch.tensor(weights, dtype=torch.float32)
         self.normalize = bool(job.params["normalize"])
-        if self.normalize and float(self.w.sum()) == 0.0:
+        # The divisor: the weights summed in input order in float64, rounded to fp32 once (as the native
+        # weighted sum does, so both backends give the same bits).
+        self.divisor = torch.tensor(sum(weights), dtype=torch.float32)
+        if self.normalize and float(self.divisor) == 0.0:
             raise ConfigError(f"linear: the weights of tensor '{job.name}' sum to zero; set normalize: false "
                               "or change the weights")
 
     def map(self, chunk: Chunk) -> torch.Tensor:
-        out = torch.zeros_like(chunk.data[0])
-        for x, w in zip(chunk.data, self.w):
-            out.add_(x * w)  # accumulate in input order, like the reference's addcmul loop
+        # w_0 x_0 + w_1 x_1 + ... in input order, each product and sum rounded to fp32
+        out = chunk.data[0] * self.w[0]
+        for x, w in zip(chunk.data[1:], self.w[1:]):
+            out.add_(x * w)
         if self.normalize:
-            out /= self.w.sum()
+            out /= self.divisor
         return out
+
+
+class _NativeLinearMerge(_LinearMerge):
+    """The same sum on the native weighted-sum kernel, reading the stored bytes of every input once."""
+
+    raw_inputs = True
+
+    def __init__(self, job: TensorJob):
+        super().__init__(job)
+        self.job = job
+        self.weights = [float(p["weight"]) for p in job.model_params]
+
+    def map(self, chunk: Chunk) -> torch.Tensor:
+        from ..ops import native_cpu
+
+        return native_cpu.weighted_sum(chunk.raw, self.weights, normalize=self.normalize,  # type: ignore[arg-type]
+                                       out_dtype=self.job.out_dtype)
+
+
+def _native_unsupported(job: TensorJob) -> str | None:
+    from .task_arithmetic_native import NATIVE_DTYPES
+
+    dtypes = set(job.in_dtypes)
+    if len(dtypes) != 1 or dtypes.pop() not in NATIVE_DTYPES or job.out_dtype not in NATIVE_DTYPES:
+        return (f"inputs stored as {sorted({str(d) for d in job.in_dtypes})} -> {job.out_dtype}: the native "
+                "kernels need one input dtype among float32/float16/bfloat16")
+    return None
 
 
 class Linear(Method):
     def start(self, job: TensorJob) -> TensorMerge:
+        if job.backend == "cpu":
+            from .native_dispatch import native_or_torch
+
+            return native_or_torch(job, _native_unsupported(job), lambda: _NativeLinearMerge(job),
+                                   lambda: _LinearMerge(job))
         return _LinearMerge(job)
 
 

@@ -41,6 +41,7 @@ class Sparsifier:
     def __init__(self, kind: str, job, experts: list[int], rescale: bool):
         self.kind = kind
         self.job = job
+        self.native = job.backend == "cpu"  # masks from the compiled Philox (bit-identical, faster)
         self.experts = experts
         n = job.numel
         self.n = n
@@ -154,7 +155,7 @@ class Sparsifier:
                 if self.dense[e]:
                     continue
                 out[e] = keep_mask(self.job.seed, self.job.model_ids[i], self.job.name, flat_start, rows * cols,
-                                   self.density[e]).reshape(rows, cols)
+                                   self.density[e], native=self.native).reshape(rows, cols)
         else:  # della_magprune
             for e, i in enumerate(self.experts):
                 if self.dense[e]:
@@ -164,7 +165,7 @@ class Sparsifier:
                     continue
                 prob = della_probabilities(tau[e], self.density[e], self.eps[e], self.rank_dim)
                 out[e] = keep_mask(self.job.seed, self.job.model_ids[i], self.job.name, flat_start, rows * cols,
-                                   prob).reshape(rows, cols)
+                                   prob, native=self.native).reshape(rows, cols)
         return out
 
     def apply(self, tau: torch.Tensor, row_start: int) -> torch.Tensor:

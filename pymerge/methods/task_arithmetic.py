@@ -140,6 +140,14 @@ class GeneralizedTaskArithmetic(Method):
     consensus: bool = False
 
     def start(self, job: TensorJob) -> TensorMerge:
+        if job.backend == "cpu" and self.sparsifier in ("random", "della_magprune"):
+            return _GTAMerge(self, job)  # torch arithmetic on masks from the native Philox (sparsify.py)
+        if job.backend == "cpu":
+            from .native_dispatch import native_or_torch
+            from .task_arithmetic_native import NativeGTAMerge, native_gta_unsupported
+
+            return native_or_torch(job, native_gta_unsupported(self, job), lambda: NativeGTAMerge(self, job),
+                                   lambda: _GTAMerge(self, job))
         return _GTAMerge(self, job)
 
     # --- trim_scope: global (ties only) ---

@@ -9,9 +9,14 @@ from ..errors import BackendUnavailable, ConfigError
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 DEVICES = ("auto", "cpu", "cuda")
 
-# Methods each native backend runs end to end. The native kernels of the engine-core issue are the dtype
-# casts and the weighted sum; the fused merge kernels come with the CPU/GPU backend issues.
-NATIVE_METHODS: dict[str, frozenset[str]] = {"cpu": frozenset(), "cuda": frozenset(), "triton": frozenset()}
+# Methods each native backend runs (for some parameter combinations: a tensor the backend cannot run falls
+# back to torch under 'auto' and is an error when the backend was named; methods/native_dispatch.py).
+# dare_* and della* draw their Philox masks natively and do the rest of their arithmetic with torch ops.
+NATIVE_METHODS: dict[str, frozenset[str]] = {
+    "cpu": frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),
+    "cuda": frozenset(),
+    "triton": frozenset(),
+}
 
 
 def resolve_device(device: str | None) -> str:
@@ -23,14 +28,22 @@ def resolve_device(device: str | None) -> str:
     return "cpu"
 
 
+def requested_backend(backend: str | None) -> str:
+    """What the user asked for: ``backend`` unless it is None/'auto', then PYMERGE_BACKEND, else 'auto'."""
+    if backend and backend.lower() != "auto":
+        return backend.lower()
+    return (os.environ.get("PYMERGE_BACKEND") or "auto").lower()
+
+
 def resolve_backend(backend: str | None, method: str, device: str) -> str:
-    """The backend that runs ``method``: PYMERGE_BACKEND or ``backend``; 'auto' picks the fastest available."""
-    requested = (backend or os.environ.get("PYMERGE_BACKEND") or "auto").lower()
+    """The backend that runs ``method``: ``backend``, or PYMERGE_BACKEND when that is 'auto'/None; 'auto' picks
+    the fastest available."""
+    requested = requested_backend(backend)
     if requested not in BACKENDS:
         raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {requested!r}")
     if requested == "auto":
         for name in ("cpu",):
-            if method in NATIVE_METHODS[name] and _native_ok(name):
+            if method in NATIVE_METHODS[name] and backend_built(name):
                 return name
         return "torch"
     if requested == "torch":
@@ -38,14 +51,15 @@ def resolve_backend(backend: str | None, method: str, device: str) -> str:
     if method not in NATIVE_METHODS[requested]:
         raise BackendUnavailable(f"backend '{requested}' does not implement merge method '{method}' yet; "
                                  "use --backend torch (or auto)")
-    if not _native_ok(requested):
+    if not backend_built(requested):
         from .._native import native_unavailable_reason
 
         raise BackendUnavailable(f"backend '{requested}' is not available: {native_unavailable_reason()}")
     return requested
 
 
-def _native_ok(name: str) -> bool:
+def backend_built(name: str) -> bool:
+    """Whether the compiled extension that holds backend ``name``'s kernels is importable."""
     from .._native import native_module
 
     return native_module() is not None

@@ -90,12 +90,20 @@ def uniform24(words: torch.Tensor) -> torch.Tensor:
 
 
 def keep_mask(seed: int, model: int, tensor_name: str, start: int, count: int,
-              prob: float | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+              prob: float | torch.Tensor, device: torch.device | str = "cpu", *, native: bool = False) -> torch.Tensor:
     """Bernoulli(prob) keep-mask for flat elements [start, start+count): ``u24 < fp32(prob) * 2**24``.
 
     ``prob`` is a Python float or a float32 tensor of ``count`` elements (DELLA's per-element probabilities).
+    ``native`` draws the words with the compiled Philox kernel (the cpu backend): the same bits, ~10x faster.
     """
-    u = uniform24(random_words(seed, model, tensor_name, start, count, device))
+    if native and torch.device(device).type == "cpu":
+        from . import native_cpu
+
+        if not isinstance(prob, torch.Tensor):
+            return native_cpu.philox_keep_mask(seed, model, tensor_name, start, count, float(prob))
+        u = native_cpu.philox_uniform24(seed, model, tensor_name, start, count).to(torch.float32)
+    else:
+        u = uniform24(random_words(seed, model, tensor_name, start, count, device))
     if isinstance(prob, torch.Tensor):
         limit = prob.reshape(-1).to(torch.float32) * float(1 << 24)
     else:

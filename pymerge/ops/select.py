@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 BINS = 1 << 16
@@ -28,10 +29,12 @@ def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
 
 def _walk_down(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """Highest bin b such that count(bins >= b) >= k; returns (b, count(bins > b)). Needs 1 <= k <= hist.sum()."""
-    # cumulative count from the top: above[b] = sum(hist[b:])
-    from_top = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
-    b = int(torch.nonzero(from_top >= k).max())
-    above = int(from_top[b + 1]) if b + 1 < hist.numel() else 0
+    # cumulative count from the top: from_top[b] = sum(hist[b:]). In numpy: the torch flip/cumsum/nonzero
+    # chain cost ~2 ms per 65,536-bin histogram, a quarter of a whole native TIES merge of the demo preset.
+    h = hist.numpy()
+    from_top = np.cumsum(h[::-1])[::-1]
+    b = int(np.flatnonzero(from_top >= k)[-1])
+    above = int(from_top[b + 1]) if b + 1 < h.size else 0
     return b, above
 
 

@@ -1,0 +1,107 @@
+"""Generalized task arithmetic on the native CPU kernels: the same bytes as task_arithmetic.py, read once per
+pass from the memory maps in their stored dtype (no fp32 copies).
+
+Covered (everything else runs on the torch merge, or is an error when the cpu backend was asked for by name):
+  task_arithmetic   no trim, no election                     -> one ties_map pass with consensus off
+  ties              per-tensor magnitude trim, weighted-sum election, rescale off
+                    -> two radix-histogram reduce passes (exact thresholds), then one fused ties_map pass
+The thresholds and tie counts equal the torch ``TopKSelector``'s; ties at a threshold are kept by lowest flat
+index through ``tie_cutoffs``, carried from chunk to chunk in row order, so any chunking gives the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ConfigError
+from .base import Chunk, TensorJob, TensorMerge
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .task_arithmetic import GeneralizedTaskArithmetic
+
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def native_gta_unsupported(method: "GeneralizedTaskArithmetic", job: TensorJob) -> str | None:
+    """Why the native CPU kernels cannot merge ``job`` with ``method`` (None when they can)."""
+    p = job.params
+    name = method.spec.name
+    if name not in ("task_arithmetic", "ties"):
+        return f"merge method '{name}' has no native CPU kernel yet"
+    if name == "ties":
+        if p.get("trim_scope", "tensor") != "tensor":
+            return "ties with trim_scope: global has no native CPU kernel yet"
+        if p.get("rescale"):
+            return "ties with rescale: true has no native CPU kernel yet"
+        if p.get("consensus_method", "sum") != "sum":
+            return "ties with consensus_method: count has no native CPU kernel yet"
+    if job.base_index is None or not job.expert_indices:
+        return "the native kernels need a base model and at least one other model"
+    dtypes = set(job.in_dtypes)
+    if len(dtypes) != 1 or dtypes.pop() not in NATIVE_DTYPES or job.out_dtype not in NATIVE_DTYPES:
+        return (f"inputs stored as {sorted({str(d) for d in job.in_dtypes})} -> {job.out_dtype}: the native "
+                "kernels need one input dtype among float32/float16/bfloat16")
+    return None
+
+
+class NativeGTAMerge(TensorMerge):
+    """task_arithmetic / ties of one tensor on the native CPU kernels (module docstring)."""
+
+    raw_inputs = True
+
+    def __init__(self, method: "GeneralizedTaskArithmetic", job: TensorJob):
+        from ..ops import native_cpu
+
+        self.nc = native_cpu
+        self.job = job
+        self.experts = job.expert_indices
+        self.base = job.base_index
+        self.weights = [float(job.model_params[i]["weight"]) for i in self.experts]
+        p = job.params
+        self.normalize = bool(p["normalize"])
+        self.lam = float(p["lambda"])
+        self.consensus = method.consensus
+        n = job.numel
+        if method.sparsifier == "magnitude":
+            ks = []
+            for i in self.experts:
+                d = float(job.model_params[i].get("density", 1.0))
+                if d < 0:
+                    raise ConfigError(f"{job.name}: model '{job.inputs[i]}': density must be >= 0, got {d}")
+                ks.append(native_cpu.topk_count(d, n))
+        else:
+            ks = [n] * len(self.experts)  # keep everything
+        self.select = native_cpu.MagnitudeTopK(ks, n)
+        self.reduce_passes = self.select.passes
+        self.thresholds = self.select.result if not self.reduce_passes else None
+        self.budgets: list[int] = []
+
+    def _inputs(self, chunk: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raw = chunk.raw
+        return raw[self.base], [raw[i] for i in self.experts]  # type: ignore[index]
+
+    def reduce(self, p: int, chunk: Chunk) -> None:
+        base, experts = self._inputs(chunk)
+        (self.select.add_hi if p == 0 else self.select.add_lo)(base, experts)
+
+    def end_pass(self, p: int) -> None:
+        if p == 0:
+            self.select.end_hi()
+        else:
+            self.thresholds = self.select.end_lo()
+
+    def map(self, chunk: Chunk) -> torch.Tensor:
+        base, experts = self._inputs(chunk)
+        ths = self.thresholds
+        keys = [th.key for th in ths]
+        if not self.budgets:  # the first chunk of the map pass
+            self.budgets = [self.nc.tie_budget(th) for th in ths]
+        n = chunk.numel
+        if any(b > 0 for b in self.budgets):
+            cutoffs, self.budgets = self.nc.tie_cutoffs(base, experts, keys, self.budgets)
+        else:  # -1 keeps every tie (cutoff past the end), 0 keeps none
+            cutoffs = [n if b < 0 else -1 for b in self.budgets]
+        return self.nc.ties_map(base, experts, self.weights, keys, cutoffs, lambda_=self.lam,
+                                normalize=self.normalize, consensus=self.consensus, out_dtype=self.job.out_dtype)
