@@ -14,39 +14,10 @@ from pathlib import Path
 
 import click
 
+from .cli_common import _friendly_errors, _setup_logging
 from .errors import PymergeError
 
 log = logging.getLogger("pymerge")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-
-
-def _friendly_errors(fn):
-    """Turn library errors (and OS errors on user paths) into ``error: ...`` and a non-zero exit."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        verbose = ctx.find_root().params.get("verbose", 0) or kwargs.get("verbose", 0)
-        try:
-            return fn(*args, **kwargs)
-        except (PymergeError, OSError) as e:
-            if verbose:
-                raise
-            msg = str(e) if isinstance(e, PymergeError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,22 +41,36 @@ def main() -> None:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Merge inputs holding NaN/Inf (they propagate) instead of stopping with an error.")
 @click.option("--no-space-check", is_flag=True, help="Do not refuse to start when the disk looks too full.")
+@click.option("--restart", is_flag=True,
+              help="Discard the partial output an interrupted run left (.OUT_DIR.pymerge-partial) instead of "
+                   "resuming it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="Log more (-vv: debug); show tracebacks.")
 @_friendly_errors
 def run(config, out_dir, device, backend, max_memory, max_gpu_memory, out_shard_size, seed, overwrite, allow_pickle,
-        allow_nonfinite, no_space_check, quiet, verbose):
-    """Merge the models CONFIG (a mergekit YAML) names into OUT_DIR."""
+        allow_nonfinite, no_space_check, restart, quiet, verbose):
+    """Merge the models CONFIG (a mergekit YAML) names into OUT_DIR.
+
+    An interrupted run (Ctrl-C, kill, crash, full disk) is continued by running the same command again.
+    """
     from .api import merge
+    from .io.atomic_dir import partial_dir_for
 
     _setup_logging(verbose, quiet)
     if not config.is_file():
         raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
-    report = merge(config, out_dir, device=device, backend=backend, max_memory=max_memory,
-                   max_gpu_memory=max_gpu_memory, out_shard_size=out_shard_size, seed=seed, quiet=quiet,
-                   overwrite=overwrite, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                   check_space=not no_space_check)
-    click.echo(f"wrote {report.out_dir}: {report.tensors} tensors in {report.shards} shard(s), "
+    try:
+        report = merge(config, out_dir, device=device, backend=backend, max_memory=max_memory,
+                       max_gpu_memory=max_gpu_memory, out_shard_size=out_shard_size, seed=seed, quiet=quiet,
+                       overwrite=overwrite, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                       check_space=not no_space_check, restart=restart)
+    except KeyboardInterrupt:
+        partial = partial_dir_for(out_dir)
+        kept = f" (partial merge kept in {partial}; run the same command again to resume)" if partial.is_dir() else ""
+        click.echo(f"error: interrupted{kept}", err=True)
+        sys.exit(130)
+    resumed = f" ({report.resumed_tensors} resumed)" if report.resumed_tensors else ""
+    click.echo(f"wrote {report.out_dir}: {report.tensors} tensors{resumed} in {report.shards} shard(s), "
                f"{report.bytes_written / 1e9:.3f} GB, {report.seconds:.2f} s "
                f"({report.gb_per_s:.2f} GB/s read, backend {report.backend})")
 
@@ -183,7 +168,10 @@ def env(as_json):
 
 
 # Commands that live in their own modules are attached here, one line each (they import _friendly_errors and
-# _setup_logging from this module, which is complete by this point).
+# _setup_logging from cli_common, never from this module, so `python -m pymerge.cli` has no import cycle).
+from .cli_masks import masks; main.add_command(masks)  # noqa: E402,E702
+from .cli_extract_lora import extract_lora; main.add_command(extract_lora)  # noqa: E402,E702
+from .cli_bench import bench; main.add_command(bench)  # noqa: E402,E702
 
 if __name__ == "__main__":  # pragma: no cover
     main()
