@@ -101,13 +101,7 @@ void tie_cutoffs(const void* base, const void* const* experts, int64_t k, DType 
                  const int32_t* thresh_keys, int64_t* tie_budgets, int64_t* cutoffs) {
   std::vector<int64_t> pending;
   for (int64_t j = 0; j < k; ++j) {
-    if (tie_budgets[j] < 0) {
-      cutoffs[j] = n;
-    } else if (tie_budgets[j] == 0) {
-      cutoffs[j] = -1;
-    } else {
-      pending.push_back(j);
-    }
+    if (!radix::trivial_tie_cutoff(tie_budgets[j], n, &cutoffs[j])) pending.push_back(j);
   }
   if (pending.empty()) return;
   if (n <= 0) {

@@ -136,13 +136,7 @@ const char* tie_cutoffs(const void* base, const void* const* experts, int64_t k,
   if (k > kMaxInputs) return "too many experts for the CUDA tie cutoffs";
   std::vector<int64_t> pending;
   for (int64_t j = 0; j < k; ++j) {
-    if (tie_budgets[j] < 0) {
-      cutoffs[j] = n;
-    } else if (tie_budgets[j] == 0) {
-      cutoffs[j] = -1;
-    } else {
-      pending.push_back(j);
-    }
+    if (!radix::trivial_tie_cutoff(tie_budgets[j], n, &cutoffs[j])) pending.push_back(j);
   }
   if (pending.empty()) return nullptr;
   if (n <= 0) {

@@ -53,22 +53,12 @@ class _NativeLinearMerge(_LinearMerge):
                                        out_dtype=self.job.out_dtype)
 
 
-def _native_unsupported(job: TensorJob) -> str | None:
-    from .task_arithmetic_native import NATIVE_DTYPES
-
-    dtypes = set(job.in_dtypes)
-    if len(dtypes) != 1 or dtypes.pop() not in NATIVE_DTYPES or job.out_dtype not in NATIVE_DTYPES:
-        return (f"inputs stored as {sorted({str(d) for d in job.in_dtypes})} -> {job.out_dtype}: the native "
-                "kernels need one input dtype among float32/float16/bfloat16")
-    return None
-
-
 class Linear(Method):
     def start(self, job: TensorJob) -> TensorMerge:
         if job.backend == "cpu":
-            from .native_dispatch import native_or_torch
+            from .native_dispatch import native_dtypes_unsupported, native_or_torch
 
-            return native_or_torch(job, _native_unsupported(job), lambda: _NativeLinearMerge(job),
+            return native_or_torch(job, native_dtypes_unsupported(job), lambda: _NativeLinearMerge(job),
                                    lambda: _LinearMerge(job))
         return _LinearMerge(job)
 

@@ -6,8 +6,22 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import torch
+
 from ..errors import BackendUnavailable
 from .base import TensorJob, TensorMerge
+
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def native_dtypes_unsupported(job: TensorJob) -> str | None:
+    """Why the native kernels cannot read/write ``job``'s dtypes (None: one input dtype and an output dtype
+    among float32/float16/bfloat16)."""
+    dtypes = set(job.in_dtypes)
+    if len(dtypes) != 1 or dtypes.pop() not in NATIVE_DTYPES or job.out_dtype not in NATIVE_DTYPES:
+        return (f"inputs stored as {sorted({str(d) for d in job.in_dtypes})} -> {job.out_dtype}: the native "
+                "kernels need one input dtype among float32/float16/bfloat16")
+    return None
 
 log = logging.getLogger("pymerge")
 

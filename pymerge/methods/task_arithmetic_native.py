@@ -17,12 +17,10 @@ import torch
 
 from ..errors import ConfigError
 from .base import Chunk, TensorJob, TensorMerge
+from .native_dispatch import native_dtypes_unsupported
 
 if TYPE_CHECKING:  # pragma: no cover
     from .task_arithmetic import GeneralizedTaskArithmetic
-
-NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def native_gta_unsupported(method: "GeneralizedTaskArithmetic", job: TensorJob) -> str | None:
     """Why the native CPU kernels cannot merge ``job`` with ``method`` (None when they can)."""
@@ -39,11 +37,7 @@ def native_gta_unsupported(method: "GeneralizedTaskArithmetic", job: TensorJob) 
             return "ties with consensus_method: count has no native CPU kernel yet"
     if job.base_index is None or not job.expert_indices:
         return "the native kernels need a base model and at least one other model"
-    dtypes = set(job.in_dtypes)
-    if len(dtypes) != 1 or dtypes.pop() not in NATIVE_DTYPES or job.out_dtype not in NATIVE_DTYPES:
-        return (f"inputs stored as {sorted({str(d) for d in job.in_dtypes})} -> {job.out_dtype}: the native "
-                "kernels need one input dtype among float32/float16/bfloat16")
-    return None
+    return native_dtypes_unsupported(job)
 
 
 class NativeGTAMerge(TensorMerge):

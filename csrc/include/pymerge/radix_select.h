@@ -31,4 +31,18 @@ PYMERGE_HD inline uint32_t key_lo(uint32_t key) { return key & 0xFFFFu; }
 // Strictly above the threshold. Keys are < 2^31, so they compare as int32 with T = -1 included.
 PYMERGE_HD inline bool above(uint32_t key, int32_t threshold) { return int32_t(key) > threshold; }
 
+// The tie cutoffs that need no scan (the tie_cutoffs contract in cpu_kernels.h): a negative budget keeps every
+// tie (cutoff n), a zero budget none (cutoff -1). Returns false when the budget-th tie must be located.
+inline bool trivial_tie_cutoff(int64_t budget, int64_t n, int64_t* cutoff) {
+  if (budget < 0) {
+    *cutoff = n;
+    return true;
+  }
+  if (budget == 0) {
+    *cutoff = -1;
+    return true;
+  }
+  return false;
+}
+
 }  // namespace pymerge::radix
