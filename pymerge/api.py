@@ -110,8 +110,7 @@ def merge(config_or_path: MergeConfig | str | Path | dict, out_dir: str | Path, 
     dev = resolve_device(device)
     chosen = resolve_backend(backend, config.merge_method, dev)
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else default_max_memory()
-    if max_gpu_memory is not None:
-        parse_size(max_gpu_memory, "max_gpu_memory")  # validated; used by the GPU executor
+    gpu_budget = parse_size(max_gpu_memory, "max_gpu_memory") if max_gpu_memory is not None else None
     shard_bytes = parse_size(out_shard_size, "out_shard_size")
     plan = build_plan(config, seed=seed, out_shard_size=shard_bytes, allow_pickle=allow_pickle)
     plan.backend, plan.backend_explicit = chosen, requested_backend(backend) != "auto"
@@ -123,7 +122,8 @@ def merge(config_or_path: MergeConfig | str | Path | dict, out_dir: str | Path, 
             check_free_space(out_dir, planned_bytes(plan.shards, _tokenizer_sources(plan)) - reusable)
         out = ResumableOutputDir(out_dir, fingerprint=_fingerprint(plan, seed), overwrite=overwrite,
                                  restart=restart)
-        stats, resumed, final = _run_in(out, plan, budget, quiet=quiet, allow_nonfinite=allow_nonfinite)
+        gpu = _gpu_engine(chosen, gpu_budget) if dev == "cuda" else None
+        stats, resumed, final = _run_in(out, plan, budget, quiet=quiet, allow_nonfinite=allow_nonfinite, gpu=gpu)
     finally:
         plan.close()
     report = MergeReport(out_dir=str(final), method=config.merge_method, backend=chosen, device=dev,
@@ -156,8 +156,22 @@ def _resume_point(out: ResumableOutputDir, plan: Plan) -> set[str]:
     return done
 
 
+def _gpu_engine(kernels: str, gpu_budget: int | None) -> tuple:
+    """(streaming executor on the current CUDA device, kernel set): the budget is ``--max-gpu-memory``, by
+    default 90% of the device memory free now (a first guess, not yet measured on a GPU: the rest is left for
+    the CUDA context and the allocator's slack)."""
+    import torch
+
+    from .gpu.kernels import get_kernels
+    from .gpu.streaming import StreamingExecutor
+
+    if gpu_budget is None:
+        gpu_budget = int(torch.cuda.mem_get_info()[0] * 0.9)
+    return StreamingExecutor("cuda", gpu_budget), get_kernels(kernels)
+
+
 def _run_in(out: ResumableOutputDir, plan: Plan, budget: int, *, quiet: bool,
-            allow_nonfinite: bool) -> tuple[ExecStats, int, Path]:
+            allow_nonfinite: bool, gpu: tuple | None = None) -> tuple[ExecStats, int, Path]:
     """Merge into the partial directory ``out`` (continuing it if it was resumed) and commit it.
 
     An interruption or a full/failing disk keeps the partial directory for the next run; any other error
@@ -175,7 +189,7 @@ def _run_in(out: ResumableOutputDir, plan: Plan, budget: int, *, quiet: bool,
         committer = TensorCommitter(out.path, plan.shards, Journal(out.journal_path),
                                     fault_after=fault_after_from_env())
         stats = execute(plan, writer, max_memory=budget, progress=not quiet,  # type: ignore[arg-type]
-                        allow_nonfinite=allow_nonfinite, skip=done, on_tensor_done=committer.tensor_done)
+                        allow_nonfinite=allow_nonfinite, skip=done, on_tensor_done=committer.tensor_done, gpu=gpu)
         committer.close()  # every merged tensor journaled: a crash from here on loses no tensor
         writer.close()
         writer.writer.write_index()

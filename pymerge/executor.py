@@ -210,6 +210,30 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tenso
         stats.bytes_written += out.numel() * itemsize
 
 
+def merge_tensor_gpu(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tensor, int], None], gpu: tuple,
+                     stats: ExecStats, *, check_finite: bool = False) -> None:
+    """One tensor on the streaming GPU executor ``gpu = (engine, kernels)``; the NaN/Inf policy is checked on
+    the host copies first (a read the staging copies then find in the page cache)."""
+    from .gpu.streaming import merge_planned_tensor
+
+    job = pt.job
+    if job.numel == 0:
+        writer_fn(torch.empty((0,) if len(pt.shape) < 2 else (job.rows, *pt.shape[1:]), dtype=pt.out_dtype), 0)
+        return
+    job.backend, job.backend_explicit = plan.backend, plan.backend_explicit
+    job.in_dtypes = tuple(plan.checkpoints[m].info(n).torch_dtype for m, n in pt.sources)
+    job.out_dtype = pt.out_dtype
+    views = [plan.checkpoints[m].tensor(n) for m, n in pt.sources]
+    if check_finite and not all(bool(torch.isfinite(v).all()) for v in views):
+        raise_nonfinite(pt, views, job.rows)
+    engine, kernels = gpu
+    before = engine.stats.chunked_tensors
+    merge_planned_tensor(plan, pt, writer_fn, engine, kernels)
+    stats.chunked_tensors += engine.stats.chunked_tensors - before
+    stats.bytes_read += sum(v.numel() * v.element_size() for v in views)
+    stats.bytes_written += job.numel * torch.empty(0, dtype=pt.out_dtype).element_size()
+
+
 def _merge_raw(plan: Plan, pt: PlannedTensor, merge, writer_fn: Callable[[torch.Tensor, int], None], budget: int,
                stats: ExecStats, itemsize: int, *, check_finite: bool) -> None:
     """Drive a ``raw_inputs`` merge: chunks are row views of the memory maps in their stored dtype, re-read by
@@ -250,13 +274,14 @@ def _merge_raw(plan: Plan, pt: PlannedTensor, merge, writer_fn: Callable[[torch.
 
 def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: bool = True,
             allow_nonfinite: bool = False, skip: set[str] | frozenset[str] = frozenset(),
-            on_tensor_done: Callable[[str], None] | None = None) -> ExecStats:
+            on_tensor_done: Callable[[str], None] | None = None, gpu: tuple | None = None) -> ExecStats:
     """Merge every planned tensor into ``writer`` within ``max_memory`` bytes of working memory.
 
     Unless ``allow_nonfinite``, a NaN/Inf in any input is a MergeError (raised on the first read of its chunk).
     Tensors named in ``skip`` (already written by an interrupted run being resumed) are not merged; whole-model
     passes still read them. ``on_tensor_done(name)`` is called once a merged tensor's last row is written.
-    ``stats.tensors`` counts the tensors merged by this call.
+    ``stats.tensors`` counts the tensors merged by this call. ``gpu = (engine, kernels)`` merges every tensor
+    with the streaming GPU executor (``pymerge.gpu.streaming``) instead, within the engine's device budget.
     """
     stats = ExecStats()
     t0 = time.perf_counter()
@@ -294,7 +319,10 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
                 writer.write(pt.name, out.reshape(shape).contiguous(), row_start=row_start if len(pt.shape) >= 2 else 0)
 
             with threads_for(pt.job.numel * len(pt.job.inputs)):
-                merge_tensor(plan, pt, write, max_memory, stats, check_finite=not (allow_nonfinite or checked))
+                if gpu is not None:
+                    merge_tensor_gpu(plan, pt, write, gpu, stats, check_finite=not (allow_nonfinite or checked))
+                else:
+                    merge_tensor(plan, pt, write, max_memory, stats, check_finite=not (allow_nonfinite or checked))
             if on_tensor_done is not None:
                 on_tensor_done(pt.name)
             stats.tensors += 1

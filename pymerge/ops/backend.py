@@ -14,17 +14,25 @@ DEVICES = ("auto", "cpu", "cuda")
 # dare_* and della* draw their Philox masks natively and do the rest of their arithmetic with torch ops.
 NATIVE_METHODS: dict[str, frozenset[str]] = {
     "cpu": frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),
-    "cuda": frozenset(),
-    "triton": frozenset(),
+    "cuda": frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),
+    "triton": frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),
 }
+# Methods the streaming GPU executor runs (pymerge/gpu/fused.py), with the cuda, triton or torch kernels.
+GPU_METHODS = NATIVE_METHODS["cuda"]
 
 
 def resolve_device(device: str | None) -> str:
+    """'cpu' or 'cuda'. 'auto' is the CPU: the GPU engine has not been verified on hardware yet, so it runs
+    only when asked for with ``device='cuda'`` (an error when torch sees no CUDA device)."""
     device = (device or "auto").lower()
     if device not in DEVICES:
         raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda":
-        raise BackendUnavailable("device 'cuda': the GPU streaming executor is not implemented yet; use --device cpu")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("device 'cuda': torch sees no CUDA device; use --device cpu")
+        return "cuda"
     return "cpu"
 
 
@@ -41,6 +49,10 @@ def resolve_backend(backend: str | None, method: str, device: str) -> str:
     requested = requested_backend(backend)
     if requested not in BACKENDS:
         raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {requested!r}")
+    if device == "cuda":
+        return _resolve_gpu_backend(requested, method)
+    if requested in ("cuda", "triton"):
+        raise BackendUnavailable(f"backend '{requested}' runs on the GPU; add --device cuda")
     if requested == "auto":
         for name in ("cpu",):
             if method in NATIVE_METHODS[name] and backend_built(name):
@@ -56,6 +68,33 @@ def resolve_backend(backend: str | None, method: str, device: str) -> str:
 
         raise BackendUnavailable(f"backend '{requested}' is not available: {native_unavailable_reason()}")
     return requested
+
+
+def _resolve_gpu_backend(requested: str, method: str) -> str:
+    """The kernel set of the streaming GPU executor: cuda (compiled), triton (importable) or torch (on GPU)."""
+    if method not in GPU_METHODS:
+        raise BackendUnavailable(f"device 'cuda' does not run merge method '{method}' yet (it runs "
+                                 f"{', '.join(sorted(GPU_METHODS))}); use --device cpu")
+    if requested in ("auto", "cuda"):
+        from .._native import native_module
+
+        mod = native_module()
+        if mod is not None and hasattr(mod, "cuda_ties_map"):
+            return "cuda"
+        if requested == "cuda":
+            raise BackendUnavailable("backend 'cuda': the CUDA kernels were not compiled (no nvcc at build time, "
+                                     "or PYMERGE_NO_CUDA); see `pymerge env`")
+    if requested in ("auto", "triton"):
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            if requested == "triton":
+                raise BackendUnavailable("backend 'triton': triton is not installed") from None
+        else:
+            return "triton"
+    if requested == "cpu":
+        raise BackendUnavailable("backend 'cpu' does not run on device 'cuda'")
+    return "torch"
 
 
 def backend_built(name: str) -> bool:
