@@ -18,6 +18,7 @@ import torch
 
 from .errors import MergeError
 from .io.prefetch import Prefetcher
+from .io.write_behind import WriteBehind
 from .io.safetensors_writer import ShardedWriter
 from .methods import Chunk, TensorJob
 from .ops.threads import threads_for
@@ -38,9 +39,10 @@ class ExecStats:
 
 
 def bytes_per_row(job: TensorJob, scratch_factor: float, out_itemsize: int) -> int:
-    """Working-set bytes of one row: the fp32 input stack, the method's scratch, the output row."""
+    """Working-set bytes of one row: the fp32 input stack, the method's scratch, the fp32 result row and two
+    output rows (the one being cast and the previous chunk's, still being written behind)."""
     n_in = len(job.inputs)
-    return int(job.row_numel * (n_in * FP32 * (1 + scratch_factor) + FP32 + out_itemsize))
+    return int(job.row_numel * (n_in * FP32 * (1 + scratch_factor) + FP32 + 2 * out_itemsize))
 
 
 def chunk_rows(job: TensorJob, scratch_factor: float, out_itemsize: int, budget: int) -> int:
@@ -206,6 +208,8 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tenso
         merge.end_pass(p)
     for chunk in each_chunk():
         out = merge.map(chunk).to(pt.out_dtype)  # the single narrowing cast, round-to-nearest-even
+        if buf is not None and out.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+            out = out.clone()  # a view of the reused input buffer: the write behind must not see it change
         writer_fn(out, chunk.row_start)
         stats.bytes_written += out.numel() * itemsize
 
@@ -241,11 +245,11 @@ def _merge_raw(plan: Plan, pt: PlannedTensor, merge, writer_fn: Callable[[torch.
     from .ops.native_cpu import count_nonfinite
 
     job = pt.job
-    per_row = job.row_numel * itemsize
+    per_row = job.row_numel * itemsize * 2  # this chunk's output and the previous one, still being written
     step = min(job.rows, budget // max(per_row, 1))
     if step < 1:
-        raise MergeError(f"tensor '{job.name}': one output row needs {per_row / 2**20:.1f} MiB, more than the "
-                         f"budget of {budget / 2**20:.1f} MiB; raise --max-memory")
+        raise MergeError(f"tensor '{job.name}': one output row needs {per_row:,} bytes (twice: one being written "
+                         f"behind), more than the budget of {budget:,} bytes; raise --max-memory")
     chunks = _chunks(job.rows, step)
     if len(chunks) > 1:
         stats.chunked_tensors += 1
@@ -309,6 +313,9 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
             prefetcher.submit(cks[m].byte_range(n) for m, n in todo[i].sources if hasattr(cks[m], "byte_range"))
 
     prefetch(0)
+    # Output chunks are written on a background thread while the next one is merged (io/write_behind.py);
+    # on_tensor_done runs there too, after the tensor's last chunk.
+    behind = WriteBehind(lambda name, data, row: writer.write(name, data, row_start=row), on_tensor_done)
     try:
         done = 0  # input bytes of the tensors merged here (re-reads of chunked passes not counted twice)
         for i, pt in enumerate(todo):
@@ -316,15 +323,19 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
 
             def write(out: torch.Tensor, row_start: int, pt=pt) -> None:
                 shape = pt.shape if len(pt.shape) < 2 else (out.shape[0], *pt.shape[1:])
-                writer.write(pt.name, out.reshape(shape).contiguous(), row_start=row_start if len(pt.shape) >= 2 else 0)
+                data = out.reshape(shape).contiguous()
+                row = row_start if len(pt.shape) >= 2 else 0
+                if gpu is not None:  # the GPU engine's host chunks live in its staging buffers: write now
+                    writer.write(pt.name, data, row_start=row)
+                else:
+                    behind.write(pt.name, data, row)
 
             with threads_for(pt.job.numel * len(pt.job.inputs)):
                 if gpu is not None:
                     merge_tensor_gpu(plan, pt, write, gpu, stats, check_finite=not (allow_nonfinite or checked))
                 else:
                     merge_tensor(plan, pt, write, max_memory, stats, check_finite=not (allow_nonfinite or checked))
-            if on_tensor_done is not None:
-                on_tensor_done(pt.name)
+            behind.done(pt.name)
             stats.tensors += 1
             if bar is not None:
                 size = input_bytes(pt)
@@ -333,6 +344,10 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{resumed + stats.tensors}/{len(plan.tensors)} tensors{note}, "
                                     f"{done / elapsed / 1e9:.2f} GB/s")
+        behind.close()  # every chunk written and journaled before the stats say so
+    except BaseException:
+        behind.close(raise_errors=False)  # on errors and Ctrl-C too: what was handed over is written
+        raise
     finally:
         prefetcher.close()
         if bar is not None:

@@ -63,7 +63,7 @@ def _native_built() -> bool:
 @pytest.mark.parametrize("backend,budget", [
     ("torch", None), ("torch", 24 * 1024),
     pytest.param("cpu", None, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
-    pytest.param("cpu", 512, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
+    pytest.param("cpu", 2048, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
 ], ids=["torch-resident", "torch-chunked", "cpu-resident", "cpu-chunked"])
 def test_allowed_nonfinite_values_propagate_and_the_rest_is_unchanged(tmp_path, backend, budget):
     paths = make_family(tmp_path / "f")
