@@ -44,11 +44,13 @@ def main() -> None:
 @click.option("--restart", is_flag=True,
               help="Discard the partial output an interrupted run left (.OUT_DIR.pymerge-partial) instead of "
                    "resuming it.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=None,
+              help="Write a rank-N PEFT adapter of (merged - base) instead of the full model (combine-then-SVD).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="Log more (-vv: debug); show tracebacks.")
 @_friendly_errors
 def run(config, out_dir, device, backend, max_memory, max_gpu_memory, out_shard_size, seed, overwrite, allow_pickle,
-        allow_nonfinite, no_space_check, restart, quiet, verbose):
+        allow_nonfinite, no_space_check, restart, quiet, verbose, lora_rank=None):
     """Merge the models CONFIG (a mergekit YAML) names into OUT_DIR.
 
     An interrupted run (Ctrl-C, kill, crash, full disk) is continued by running the same command again.
@@ -59,6 +61,17 @@ def run(config, out_dir, device, backend, max_memory, max_gpu_memory, out_shard_
     _setup_logging(verbose, quiet)
     if not config.is_file():
         raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
+    if lora_rank is not None:
+        from .lora_merge import merge_to_lora
+
+        if device == "cuda":
+            raise click.BadParameter("--lora-rank runs on the CPU", param_hint="--device")
+        rep = merge_to_lora(config, out_dir, rank=lora_rank, seed=seed, max_memory=max_memory, backend=backend,
+                            overwrite=overwrite, quiet=quiet, allow_pickle=allow_pickle,
+                            allow_nonfinite=allow_nonfinite)
+        click.echo(f"wrote {rep.out_dir}: rank-{rep.rank} LoRA adapter for {len(rep.modules)} modules, "
+                   f"{rep.bytes_written / 1e6:.1f} MB, {rep.seconds:.2f} s")
+        return
     try:
         report = merge(config, out_dir, device=device, backend=backend, max_memory=max_memory,
                        max_gpu_memory=max_gpu_memory, out_shard_size=out_shard_size, seed=seed, quiet=quiet,

@@ -129,9 +129,9 @@ def _check_model_ref(value: Any) -> str:
         raise config_problem(f"expected a model path (a string), got {show(value)}")
     if not value.strip():
         raise config_problem("empty model path")
-    if "+" in value:
-        # mergekit reads "model+adapter" as a LoRA applied to model (any '+' splits).
-        raise config_problem(f"'{value}': LoRA inputs are not supported yet ('model+lora' syntax)")
+    if "+" in value and not all(part.strip() for part in value.split("+", 1)):
+        # mergekit reads "model+adapter" as a LoRA adapter applied to model (pymerge/io/lora.py opens it)
+        raise config_problem(f"'{value}': expected 'model+adapter' with both parts given")
     return value
 
 

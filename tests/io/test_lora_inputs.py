@@ -215,6 +215,20 @@ def test_base_plus_adapter_reference(llama_patterns, tmp_path):
         open_lora_reference(f"{base}+{tmp_path / 'nope'}", None, candidates)
 
 
+def test_base_plus_adapter_in_a_config(llama_patterns, tmp_path):
+    """mergekit's ``model: base+adapter`` form in a config: the adapter applied to that base, no base_model."""
+    base, adapter, merged = llama_patterns
+    cfg = _write_config(tmp_path / "plus.yml", {
+        "merge_method": "linear",
+        "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 0.25}},
+                   {"model": str(base), "parameters": {"weight": 0.75}}]})
+    pymerge.merge(cfg, tmp_path / "out", quiet=True)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base_sd = load_file(str(base / "model.safetensors"))
+    for name, t in out.items():
+        torch.testing.assert_close(t, 0.25 * merged[name] + 0.75 * base_sd[name], rtol=FP32_MATH, atol=FP32_MATH)
+
+
 def test_config_without_base_model_is_refused(llama_patterns, tmp_path):
     _, adapter, _ = llama_patterns
     cfg = _write_config(tmp_path / "m.yml", {"merge_method": "linear",
