@@ -114,7 +114,8 @@ class _Loader:
 
 
 def raise_nonfinite(pt: PlannedTensor, views: list[torch.Tensor], step: int) -> None:
-    """MergeError naming every input of ``pt`` that holds NaN/Inf, with the counts (read ``step`` rows at a time)."""
+    """MergeError naming every input of ``pt`` that holds NaN/Inf, with the counts (read ``step`` rows at a time);
+    returns when none does."""
     job = pt.job
     found = []
     for (model, name), v in zip(pt.sources, views):
@@ -122,6 +123,8 @@ def raise_nonfinite(pt: PlannedTensor, views: list[torch.Tensor], step: int) -> 
         if nan or inf:
             what = " and ".join(f"{c} {k}" for c, k in ((nan, "NaN"), (inf, "Inf")) if c)
             found.append(f"model '{model}' (input tensor '{name}': {what} of {job.numel})")
+    if not found:
+        return  # finite inputs whose fp32 arithmetic overflowed: not a bad input
     raise MergeError(f"tensor '{job.name}': non-finite values in {', '.join(found)}; "
                      "pass allow_nonfinite=True (--allow-nonfinite) to merge them anyway")
 
@@ -254,6 +257,12 @@ def _merge_raw(plan: Plan, pt: PlannedTensor, merge, writer_fn: Callable[[torch.
     if len(chunks) > 1:
         stats.chunked_tensors += 1
     first = True
+    # A merge whose first reduce pass sees every input element reports NaN/Inf from its own statistics,
+    # which saves the separate scan (a tenth of a native TIES merge).
+    scan = check_finite and not merge.finds_nonfinite
+    if check_finite and merge.finds_nonfinite:
+        merge.nonfinite_found = lambda: raise_nonfinite(
+            pt, [plan.checkpoints[m].tensor(n) for m, n in pt.sources], step)
 
     def each_chunk() -> Iterator[Chunk]:
         nonlocal first
@@ -261,7 +270,7 @@ def _merge_raw(plan: Plan, pt: PlannedTensor, merge, writer_fn: Callable[[torch.
             raw = input_rows(plan, pt, a, b)
             if first:
                 stats.bytes_read += sum(r.numel() * r.element_size() for r in raw)
-                if check_finite and any(count_nonfinite(raw)):
+                if scan and any(count_nonfinite(raw)):
                     raise_nonfinite(pt, [plan.checkpoints[m].tensor(n) for m, n in pt.sources], step)
             yield Chunk(a, b, None, raw)
         first = False

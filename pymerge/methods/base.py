@@ -162,6 +162,12 @@ class TensorMerge:
 
     reduce_passes: int = 0
     raw_inputs: bool = False  # chunks carry the stored bytes (``Chunk.raw``), map returns ``job.out_dtype``
+    # A raw merge whose first reduce pass reads every element of every input may set ``finds_nonfinite``: the
+    # executor then skips its NaN/Inf scan and, when the NaN policy applies, sets ``nonfinite_found`` to a
+    # callable the merge must call at the end of that pass if its statistics saw a non-finite value (the
+    # callable raises the executor's MergeError naming the inputs, or returns when the inputs were finite).
+    finds_nonfinite: bool = False
+    nonfinite_found = None
 
     def reduce(self, p: int, chunk: Chunk) -> None:  # pragma: no cover - methods without reduce passes
         raise NotImplementedError

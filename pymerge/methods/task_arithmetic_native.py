@@ -69,6 +69,9 @@ class NativeGTAMerge(TensorMerge):
             ks = [n] * len(self.experts)  # keep everything
         self.select = native_cpu.MagnitudeTopK(ks, n)
         self.reduce_passes = self.select.passes
+        # The hi histogram pass reads the base and every expert it selects for; when that is every expert, an
+        # Inf/NaN in any input shows as a task-vector key in the top bins (a NaN base makes every key NaN).
+        self.finds_nonfinite = self.reduce_passes > 0 and len(self.select.todo) == len(self.experts)
         self.thresholds = self.select.result if not self.reduce_passes else None
         self.budgets: list[int] = []
 
@@ -83,6 +86,8 @@ class NativeGTAMerge(TensorMerge):
     def end_pass(self, p: int) -> None:
         if p == 0:
             self.select.end_hi()
+            if self.select.nonfinite and self.nonfinite_found is not None:
+                self.nonfinite_found()
         else:
             self.thresholds = self.select.end_lo()
 

@@ -160,6 +160,7 @@ def philox_keep_mask(seed: int, model: int, tensor_name: str, start: int, count:
 # ---- Radix histograms of magnitude keys (pymerge/ops/select.py is the twin) ----
 
 RADIX_BINS = 1 << 16
+NONFINITE_HI_BIN = 0x7F80  # hi bin of the fp32 key 0x7F800000 (+Inf); NaN keys sort above it
 
 
 def _check_same(xs: Sequence[torch.Tensor], what: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -275,6 +276,7 @@ class MagnitudeTopK:
         self.passes = 2 if self.todo else 0
         self.hist = _HIST_POOL.take(len(self.todo)) if self.todo else None
         self.hi: list[tuple[int, int]] = []
+        self.nonfinite = 0  # elements whose task-vector key was Inf/NaN, counted by the hi pass
 
     def add_hi(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
         if self.todo:
@@ -285,6 +287,8 @@ class MagnitudeTopK:
 
         if self.todo:
             self.hi = [_walk_down(self.hist[r], self.ks[j]) for r, j in enumerate(self.todo)]
+            # keys >= 0x7F800000 are |x - base| = Inf or NaN: a non-finite expert or base element
+            self.nonfinite = int(self.hist[:, NONFINITE_HI_BIN:].sum())
             self.hist.zero_()
 
     def add_lo(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:

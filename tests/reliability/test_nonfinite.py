@@ -112,3 +112,34 @@ def test_finite_values_whose_sum_overflows_are_not_an_error(tmp_path):
     pymerge.merge(cfg, tmp_path / "out", quiet=True)
     out = load_file(str(tmp_path / "out" / "model.safetensors"))[VECTOR]
     assert torch.all(out[:4] == torch.tensor(3e38, dtype=torch.float32))
+
+
+@pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")
+def test_native_ties_finds_nonfinite_in_its_histogram_pass(tmp_path, monkeypatch):
+    """The native ties merge reports NaN/Inf from its first histogram pass (no separate scan): the scan is made
+    to fail, and the error still names every bad input with its counts; a task vector that only overflows
+    (finite inputs 6e38 apart) is not an error."""
+    import pymerge.ops.native_cpu as nc
+
+    def no_scan(xs):
+        raise AssertionError("the separate NaN/Inf scan ran")
+
+    monkeypatch.setattr(nc, "count_nonfinite", no_scan)
+    paths = make_family(tmp_path / "f")
+    poke(paths[0], MATRIX, {(5, 5): INF})
+    poke(paths[2], MATRIX, {(7, 1): NAN})
+    with pytest.raises(MergeError) as ei:
+        pymerge.merge(ties_config(paths), tmp_path / "out", quiet=True, backend="cpu")
+    msg = str(ei.value)
+    assert f"model '{paths[0]}'" in msg and "1 Inf of 5917" in msg
+    assert f"model '{paths[2]}'" in msg and "1 NaN of 5917" in msg and f"model '{paths[1]}'" not in msg
+
+    clean = make_family(tmp_path / "g")
+    poke(clean[0], MATRIX, {(3, 3): -3e38})
+    poke(clean[1], MATRIX, {(3, 3): 3e38})  # tau = 6e38 overflows fp32 to Inf: finite inputs, no error
+    monkeypatch.undo()
+    rep = pymerge.merge(ties_config(clean), tmp_path / "ok", quiet=True, backend="cpu")
+    assert rep.backend == "cpu"
+    pymerge.merge(ties_config(clean), tmp_path / "ok-torch", quiet=True, backend="torch")
+    assert (tmp_path / "ok" / "model.safetensors").read_bytes() == \
+        (tmp_path / "ok-torch" / "model.safetensors").read_bytes()  # the same (overflowing) math as torch
