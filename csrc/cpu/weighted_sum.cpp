@@ -42,6 +42,49 @@ void weighted_sum_range(const void* const* inputs, const float* weights, int64_t
   }
 }
 
+// The same sum with the input count fixed at compile time: each element's accumulator stays in a register
+// (the tiled form above stores and reloads it once per input), the same operations in the same order, so the
+// same bits.
+template <DType S, DType D, bool kNormalize, int K>
+void weighted_sum_fixed(const void* const* inputs, const float* weights, void* out, int64_t begin, int64_t end,
+                        float weight_sum) {
+  using SrcT = typename DTypeTraits<S>::storage;
+  using DstT = typename DTypeTraits<D>::storage;
+  const SrcT* x[K];
+  float w[K];
+  for (int j = 0; j < K; ++j) {
+    x[j] = static_cast<const SrcT*>(inputs[j]);
+    w[j] = weights[j];
+  }
+  DstT* __restrict o = static_cast<DstT*>(out);
+  for (int64_t i = begin; i < end; ++i) {
+    float acc = w[0] * DTypeTraits<S>::widen(x[0][i]);
+    for (int j = 1; j < K; ++j) acc = acc + w[j] * DTypeTraits<S>::widen(x[j][i]);
+    o[i] = DTypeTraits<D>::narrow(kNormalize ? acc / weight_sum : acc);
+  }
+}
+
+template <DType S, DType D, bool kNormalize>
+void weighted_sum_block(const void* const* inputs, const float* weights, int64_t k, void* out, int64_t begin,
+                        int64_t end, float weight_sum) {
+  switch (k) {
+#define PYMERGE_FIXED_K(K) \
+  case K:                  \
+    return weighted_sum_fixed<S, D, kNormalize, K>(inputs, weights, out, begin, end, weight_sum);
+    PYMERGE_FIXED_K(1)
+    PYMERGE_FIXED_K(2)
+    PYMERGE_FIXED_K(3)
+    PYMERGE_FIXED_K(4)
+    PYMERGE_FIXED_K(5)
+    PYMERGE_FIXED_K(6)
+    PYMERGE_FIXED_K(7)
+    PYMERGE_FIXED_K(8)
+#undef PYMERGE_FIXED_K
+    default:
+      return weighted_sum_range<S, D, kNormalize>(inputs, weights, k, out, begin, end, weight_sum);
+  }
+}
+
 }  // namespace
 
 void weighted_sum(const void* const* inputs, const float* weights, int64_t k, DType in_dtype, void* out,
@@ -53,9 +96,9 @@ void weighted_sum(const void* const* inputs, const float* weights, int64_t k, DT
       constexpr DType D = decltype(d)::value;
       parallel_for_blocks(n, [&](int64_t begin, int64_t end) {
         if (normalize) {
-          weighted_sum_range<S, D, true>(inputs, weights, k, out, begin, end, weight_sum);
+          weighted_sum_block<S, D, true>(inputs, weights, k, out, begin, end, weight_sum);
         } else {
-          weighted_sum_range<S, D, false>(inputs, weights, k, out, begin, end, weight_sum);
+          weighted_sum_block<S, D, false>(inputs, weights, k, out, begin, end, weight_sum);
         }
       });
     });

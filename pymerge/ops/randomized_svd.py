@@ -30,6 +30,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 
 from ..errors import ConfigError, MergeError
+from .threads import threads_for
 
 CANONICAL_ROWS = 256  # rows per internal block: fixed, so results do not depend on how rows arrive
 DEFAULT_BLOCK_ROWS = 1024  # rows per block pulled from a source when the caller does not say
@@ -96,10 +97,14 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis Q [m, l] of the columns of ``y`` [m, l] (m >= l), in y's dtype: Householder QR.
 
     Unconditionally stable (Q has orthonormal columns even when y is rank-deficient, spanning range(y) plus
-    arbitrary directions). CholeskyQR2 in float64 was tried first and measured ~1.3x slower end to end on
+    arbitrary directions). Computed on one thread, so the result does not depend on the thread count. CholeskyQR2 in float64 was tried first and measured ~1.3x slower end to end on
     2048x2048 rank 256 (two fp64 Grams and solves per sketch) for no accuracy the fp32 products could use.
     """
-    return torch.linalg.qr(y, mode="reduced").Q
+    # One thread: LAPACK's blocked QR rounds differently with another thread count, and the factors must not
+    # depend on it (tests/reliability/test_determinism.py). The sketch is small (m x l); the GEMMs with A, which
+    # are thread-count invariant, keep every thread.
+    with threads_for(0):
+        return torch.linalg.qr(y, mode="reduced").Q
 
 
 class StreamedSVD:
