@@ -142,93 +142,6 @@ void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
   }
 }
 
-// The same map with the expert count fixed at compile time: every per-element value lives in registers (the
-// tiled form above stores and reloads k rows per tile), in the same operations and order, so the same bits.
-// The tie cutoffs are applied per segment: between two cutoffs each expert keeps key > cmp[j], with
-// cmp[j] = T_j - 1 (its ties kept) or T_j (not), so the inner loop has no index compare and vectorizes.
-template <DType S, DType D, bool kNormalize, bool kConsensus, int K>
-void ties_segment(const TiesArgs& a, int64_t begin, int64_t end, const int32_t* cmp) {
-  using SrcT = typename DTypeTraits<S>::storage;
-  using DstT = typename DTypeTraits<D>::storage;
-  const SrcT* __restrict base = static_cast<const SrcT*>(a.base);
-  const SrcT* x[K];
-  float w[K];
-  int32_t c[K];
-  for (int j = 0; j < K; ++j) {
-    x[j] = static_cast<const SrcT*>(a.experts[j]);
-    w[j] = a.weights[j];
-    c[j] = cmp[j];
-  }
-  DstT* __restrict o = static_cast<DstT*>(a.out);
-  const float lambda = a.lambda;
-  const bool apply_lambda = a.apply_lambda;
-  const float const_divisor = a.divisor;
-  for (int64_t i = begin; i < end; ++i) {
-    const float b = DTypeTraits<S>::widen(base[i]);
-    float d[K];
-    float sum = 0.0f;
-    for (int j = 0; j < K; ++j) {
-      const float tau = DTypeTraits<S>::widen(x[j][i]) - b;
-      const float keep = radix::above(radix::magnitude_key(tau), c[j]) ? 1.0f : 0.0f;
-      d[j] = (tau * keep) * w[j];
-      sum = j == 0 ? d[j] : sum + d[j];
-    }
-    float r;
-    if (!kConsensus) {
-      r = sum;
-      if (kNormalize) r = r / const_divisor;
-    } else {
-      float mixed = 0.0f, divisor = 0.0f;
-      for (int j = 0; j < K; ++j) {
-        const float agree = agreement(sum, d[j]);
-        mixed = j == 0 ? d[j] * agree : mixed + d[j] * agree;
-        if (kNormalize) divisor = j == 0 ? w[j] * agree : divisor + w[j] * agree;
-      }
-      r = mixed;
-      if (kNormalize) r = r / (divisor == 0.0f ? 1.0f : divisor);
-    }
-    if (apply_lambda) r = r * lambda;
-    o[i] = DTypeTraits<D>::narrow(b + r);
-  }
-}
-
-template <DType S, DType D, bool kNormalize, bool kConsensus, int K>
-void ties_fixed(const TiesArgs& a, int64_t begin, int64_t end) {
-  for (int64_t s = begin; s < end;) {
-    int64_t e = end;
-    int32_t cmp[K];
-    for (int j = 0; j < K; ++j) {
-      const bool ties_kept = s <= a.cutoffs[j];  // ties at i <= cutoff are kept
-      cmp[j] = ties_kept ? a.thresh[j] - 1 : a.thresh[j];  // T >= -1, so T - 1 >= -2 does not overflow
-      if (ties_kept && a.cutoffs[j] < e - 1) e = a.cutoffs[j] + 1;  // (no overflow for a cutoff near INT64_MAX)
-    }
-    ties_segment<S, D, kNormalize, kConsensus, K>(a, s, e, cmp);
-    s = e;
-  }
-}
-
-// Fixed-K forms for the usual expert counts; the tiled form for more. Returns false when k has no fixed form.
-template <DType S, DType D, bool kNormalize, bool kConsensus>
-bool ties_fixed_k(const TiesArgs& a, int64_t begin, int64_t end) {
-  switch (a.k) {
-#define PYMERGE_FIXED_K(K)                                       \
-  case K:                                                        \
-    ties_fixed<S, D, kNormalize, kConsensus, K>(a, begin, end); \
-    return true;
-    PYMERGE_FIXED_K(1)
-    PYMERGE_FIXED_K(2)
-    PYMERGE_FIXED_K(3)
-    PYMERGE_FIXED_K(4)
-    PYMERGE_FIXED_K(5)
-    PYMERGE_FIXED_K(6)
-    PYMERGE_FIXED_K(7)
-    PYMERGE_FIXED_K(8)
-#undef PYMERGE_FIXED_K
-    default:
-      return false;
-  }
-}
-
 }  // namespace
 
 void ties_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
@@ -247,7 +160,6 @@ void ties_map(const void* base, const void* const* experts, int64_t k, DType in_
         constexpr bool kNormalize = decltype(normalize_tag)::value;
         constexpr bool kConsensus = decltype(consensus_tag)::value;
         parallel_for_blocks(n, [&](int64_t begin, int64_t end) {
-          if (ties_fixed_k<S, D, kNormalize, kConsensus>(args, begin, end)) return;
           std::vector<float> scratch(size_t((k + 4) * kTile));
           ties_range<S, D, kNormalize, kConsensus>(args, begin, end, scratch.data());
         });
