@@ -295,7 +295,11 @@ def time_mergekit(cfg_path: Path, out: Path, log_path: Path) -> tuple[Optional[f
 # ------------------------------------------------------------------------------------------ reporting
 
 def _fmt(x: Optional[float], spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    """``x`` formatted by ``spec``, or "-" right-aligned to the spec's width."""
+    if x is not None:
+        return format(x, spec)
+    width = spec.split(".")[0].lstrip("<>^")
+    return format("-", f">{width}") if width.isdigit() else "-"
 
 
 def format_table(runs: List[Run]) -> str:
