@@ -168,6 +168,18 @@ def run_global_passes(plan: Plan, budget: int, stats: ExecStats, *, check_finite
     return True
 
 
+def _prepare_job(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tensor, int], None]) -> bool:
+    """Fill the job's backend and dtypes for ``Method.start``; an empty tensor is written here (returns False)."""
+    job = pt.job
+    if job.numel == 0:
+        writer_fn(torch.empty((0,) if len(pt.shape) < 2 else (job.rows, *pt.shape[1:]), dtype=pt.out_dtype), 0)
+        return False
+    job.backend, job.backend_explicit = plan.backend, plan.backend_explicit
+    job.in_dtypes = tuple(plan.checkpoints[m].info(n).torch_dtype for m, n in pt.sources)
+    job.out_dtype = pt.out_dtype
+    return True
+
+
 def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tensor, int], None], budget: int,
                  stats: ExecStats, *, check_finite: bool = False) -> None:
     """Drive one tensor's passes over its chunks and hand each cast output chunk to ``writer_fn``.
@@ -176,12 +188,8 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tenso
     """
     job = pt.job
     method = plan.method
-    if job.numel == 0:
-        writer_fn(torch.empty((0,) if len(pt.shape) < 2 else (job.rows, *pt.shape[1:]), dtype=pt.out_dtype), 0)
+    if not _prepare_job(plan, pt, writer_fn):
         return
-    job.backend, job.backend_explicit = plan.backend, plan.backend_explicit
-    job.in_dtypes = tuple(plan.checkpoints[m].info(n).torch_dtype for m, n in pt.sources)
-    job.out_dtype = pt.out_dtype
     merge = method.start(job)
     itemsize = torch.empty(0, dtype=pt.out_dtype).element_size()
     if merge.raw_inputs:
@@ -224,12 +232,8 @@ def merge_tensor_gpu(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.T
     from .gpu.streaming import merge_planned_tensor
 
     job = pt.job
-    if job.numel == 0:
-        writer_fn(torch.empty((0,) if len(pt.shape) < 2 else (job.rows, *pt.shape[1:]), dtype=pt.out_dtype), 0)
+    if not _prepare_job(plan, pt, writer_fn):
         return
-    job.backend, job.backend_explicit = plan.backend, plan.backend_explicit
-    job.in_dtypes = tuple(plan.checkpoints[m].info(n).torch_dtype for m, n in pt.sources)
-    job.out_dtype = pt.out_dtype
     views = [plan.checkpoints[m].tensor(n) for m, n in pt.sources]
     if check_finite and not all(bool(torch.isfinite(v).all()) for v in views):
         raise_nonfinite(pt, views, job.rows)
