@@ -34,12 +34,13 @@ def environment_report() -> dict[str, Any]:
     cuda_gpu = torch.cuda.is_available()
     backends = {
         "torch": "available (every method; the reference backend)",
-        "cpu": (f"native extension loaded; end-to-end methods: {sorted(NATIVE_METHODS['cpu']) or 'none yet'} "
-                "(kernels: cast, weighted_sum)") if native["native"] else f"unavailable: {native['reason']}",
+        "cpu": (f"native extension loaded; the default for {', '.join(sorted(NATIVE_METHODS['cpu']))} "
+                "(dare/della: native masks only; see the README's method table)")
+               if native["native"] else f"unavailable: {native['reason']}",
         "cuda": ("unavailable: the extension was built without CUDA kernels" if not native.get("cuda_compiled")
                  else "unavailable: no CUDA GPU visible to torch" if not cuda_gpu
-                 else f"kernels compiled for {native.get('cuda_archs')}; end-to-end methods: "
-                      f"{sorted(NATIVE_METHODS['cuda']) or 'none yet'}"),
+                 else f"kernels compiled for {native.get('cuda_archs')}; with --device cuda (not yet verified on "
+                      f"a GPU): {', '.join(sorted(NATIVE_METHODS['cuda']))}"),
         "triton": _triton_status(),
     }
     return {
