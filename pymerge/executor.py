@@ -152,6 +152,10 @@ def run_global_passes(plan: Plan, budget: int, stats: ExecStats, *, check_finite
     jobs = [pt.job for pt in plan.tensors]
     passes = method.global_passes(jobs[0].params)
     if not passes:
+        if method.global_state_without_passes(jobs[0].params):
+            state = method.global_init(jobs)
+            for job in jobs:
+                job.global_state = state
         return False
     state = method.global_init(jobs)
     result = None

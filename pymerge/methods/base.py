@@ -197,6 +197,11 @@ class Method:
     def global_passes(self, params: dict[str, Any]) -> int:
         return 0
 
+    def global_state_without_passes(self, params: dict[str, Any]) -> bool:
+        """With ``global_passes`` 0: whether ``global_init`` still runs (state from the jobs alone, e.g. the
+        tensor names), its result becoming every job's ``global_state`` without reading any weights."""
+        return False
+
     def global_init(self, jobs: list[TensorJob]) -> Any:  # pragma: no cover - only for global methods
         raise NotImplementedError
 

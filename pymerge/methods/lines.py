@@ -95,10 +95,12 @@ class LinesMethod(Method):
         return _LinesMerge(job)
 
     def global_passes(self, params: dict) -> int:
-        # one pass for the L1 norms of the automatic alpha; with alpha and num_layers both given there is nothing
-        # to gather. (With alpha given but num_layers not, the pass only serves to see every tensor name: the
-        # job does not carry the plan's layer count.)
-        return 0 if params.get("alpha") is not None and int(params.get("num_layers") or 0) > 0 else 1
+        # one pass for the L1 norms of the automatic alpha; with alpha given there is nothing to read (the layer
+        # count, when not given, comes from the tensor names in global_init)
+        return 0 if params.get("alpha") is not None else 1
+
+    def global_state_without_passes(self, params: dict) -> bool:
+        return params.get("alpha") is not None and int(params.get("num_layers") or 0) <= 0
 
     def global_init(self, jobs: list[TensorJob]) -> _LinesState:
         first = jobs[0]

@@ -111,3 +111,9 @@ def test_end_to_end_matches_reference(tiny_family, tmp_path, alpha):
     for k in base:
         _assert_close(out[k], expected[k])
         assert torch.equal(out[k], out_small[k])
+    # a given alpha needs no whole-model pass (the layer count comes from the tensor names): every input byte is
+    # read once; the automatic alpha reads them twice (its L1-norm pass, then the merge)
+    input_bytes = sum(p.stat().st_size for d in (tiny_family.base, *tiny_family.experts)
+                      for p in d.glob("*.safetensors"))
+    reads = whole.bytes_read / input_bytes
+    assert (0.95 < reads < 1.0) if alpha is not None else (1.9 < reads < 2.0)  # files also hold headers
