@@ -146,7 +146,8 @@ def _chunks(rows: int, step: int) -> list[tuple[int, int]]:
 def run_global_passes(plan: Plan, budget: int, stats: ExecStats, *, check_finite: bool = False) -> bool:
     """Whole-model statistics (e.g. ties with trim_scope: global): reduce passes over every tensor first.
 
-    Returns whether any pass ran; the first one checks every input for NaN/Inf when ``check_finite``.
+    Returns whether a pass read every input weight (the first one checks them for NaN/Inf when
+    ``check_finite``); passes of a method that reads only ``job.aux`` statistics read none.
     """
     method = plan.method
     jobs = [pt.job for pt in plan.tensors]
@@ -165,11 +166,12 @@ def run_global_passes(plan: Plan, budget: int, stats: ExecStats, *, check_finite
             step = chunk_rows(pt.job, method.scratch_factor, FP32, budget)
             with threads_for(pt.job.numel * len(pt.job.inputs)):  # small tensors: one thread (ops/threads.py)
                 for a, b in _chunks(pt.job.rows, step):
-                    method.global_reduce(state, p, pt.job, Chunk(a, b, loader.load(a, b)))
+                    data = loader.load(a, b) if method.global_reads_weights else None
+                    method.global_reduce(state, p, pt.job, Chunk(a, b, data))
         result = method.global_end_pass(state, p)
     for job in jobs:
         job.global_state = result
-    return True
+    return method.global_reads_weights  # whether the first pass saw (and checked) every input weight
 
 
 def _prepare_job(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.Tensor, int], None]) -> bool:

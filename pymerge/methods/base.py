@@ -197,6 +197,10 @@ class Method:
     def global_passes(self, params: dict[str, Any]) -> int:
         return 0
 
+    # False when the global passes read only what the jobs carry (``job.aux`` statistics): their chunks then
+    # have ``data`` None and the executor reads no weights for them.
+    global_reads_weights = True  # a class attribute (not a dataclass field): subclasses override it
+
     def global_state_without_passes(self, params: dict[str, Any]) -> bool:
         """With ``global_passes`` 0: whether ``global_init`` still runs (state from the jobs alone, e.g. the
         tensor names), its result becoming every job's ``global_state`` without reading any weights."""

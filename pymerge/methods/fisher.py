@@ -82,6 +82,8 @@ class _Norms:
 
 
 class FisherMerging(Method):
+    global_reads_weights = False  # the Fisher-norm pass reads only the statistics (job.aux)
+
     def start(self, job: TensorJob) -> TensorMerge:
         return _FisherMerge(job)
 
