@@ -15,7 +15,7 @@ from .executor import ExecStats, execute
 from .io.atomic_dir import AtomicOutputDir, ResumableOutputDir, partial_bytes
 from .io.disk_space import DISK_ERRNOS, GuardedWriter, check_free_space, disk_error, planned_bytes
 from .io.fingerprint import run_fingerprint
-from .io.journal import Journal, TensorCommitter, fault_after_from_env, read_journal, verify_entries
+from .io.journal import Journal, JournalEntry, TensorCommitter, fault_after_from_env, read_journal, verify_entries
 from .io.manifest import VerifyReport, verify_output, write_manifest
 from .io.output_extras import TOKENIZER_FILES, copy_tokenizer_files, write_config_json, write_model_card
 from .io.safetensors_writer import ShardedWriter
@@ -103,7 +103,7 @@ def merge(config_or_path: MergeConfig | str | Path | dict, out_dir: str | Path, 
     MergeError; ``restart`` discards any partial run first. Other errors remove the partial directory.
     A NaN/Inf in any input is a MergeError unless ``allow_nonfinite``; a filesystem without room for the
     output is refused before writing unless ``check_space`` is False. The output ends with
-    ``pymerge_manifest.json`` (sizes and sha256 of every file) for ``verify``.
+    ``pymerge_manifest.json`` (sizes and sha256 of every file, shards hashed per tensor) for ``verify``.
     """
     t0 = time.perf_counter()
     config = config_or_path if isinstance(config_or_path, MergeConfig) else load_config(config_or_path)
@@ -141,13 +141,14 @@ def _fingerprint(plan: Plan, seed: int) -> dict[str, str]:
                            pymerge_version=_version())
 
 
-def _resume_point(out: ResumableOutputDir, plan: Plan) -> set[str]:
-    """The tensors an interrupted run already wrote and journaled whose bytes still match their checksum."""
+def _resume_point(out: ResumableOutputDir, plan: Plan) -> dict[str, JournalEntry]:
+    """The journal entries, by tensor name, of the tensors an interrupted run already wrote whose bytes still
+    match their checksum."""
     if not out.resumed:
-        return set()
+        return {}
     entries = read_journal(out.journal_path)
-    done, bad = verify_entries(out.path, plan.shards, entries)
-    done &= {t.name for t in plan.tensors}
+    good, bad = verify_entries(out.path, plan.shards, entries)
+    done = {n: entries[n] for n in good & {t.name for t in plan.tensors}}
     log.info("resuming %s: %d of %d tensors already written and verified%s", out.final, len(done),
              len(plan.tensors), f", {len(bad)} failed their checksum and are merged again" if bad else "")
     if bad:
@@ -180,21 +181,24 @@ def _run_in(out: ResumableOutputDir, plan: Plan, budget: int, *, quiet: bool,
     writer: GuardedWriter | None = None
     committer: TensorCommitter | None = None
     try:
-        done = _resume_point(out, plan)
+        resumed = _resume_point(out, plan)
+        done = set(resumed)
         sharded = ShardedWriter(out.path, plan.shards, resume=out.resumed)
         writer = GuardedWriter(sharded, shown_dir=out.final)
         for name in done:
             sharded.mark_written(name)
         writer.written += sum(pt.out_bytes for pt in plan.tensors if pt.name in done)
         committer = TensorCommitter(out.path, plan.shards, Journal(out.journal_path),
-                                    fault_after=fault_after_from_env())
+                                    fault_after=fault_after_from_env(), resumed=resumed)
         stats = execute(plan, writer, max_memory=budget, progress=not quiet,  # type: ignore[arg-type]
                         allow_nonfinite=allow_nonfinite, skip=done, on_tensor_done=committer.tensor_done, gpu=gpu)
         committer.close()  # every merged tensor journaled: a crash from here on loses no tensor
         writer.close()
         writer.writer.write_index()
         _write_extras(plan, out.path)
-        write_manifest(out.path, plan.shards, pymerge_version=_version())
+        # The journal already hashed every tensor's bytes (read back from disk): the manifest reuses those
+        # hashes, so only the headers and the small files are read again here.
+        write_manifest(out.path, plan.shards, pymerge_version=_version(), tensor_hashes=committer.entries())
         return stats, len(done), out.commit()
     except BaseException as e:
         keep = _resumable(e)

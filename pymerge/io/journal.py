@@ -9,7 +9,8 @@ match (lost writes after a failed fsync, a flipped bit, an edited file) is merge
 
 ``TensorCommitter`` journals finished tensors from a background thread, so the fsyncs overlap the merging of
 the next tensors instead of stalling it (the merge's floor is the disk; a synchronous fsync per tensor would
-serialize compute and writeback).
+serialize compute and writeback). Its ``entries()`` (this run's lines plus the verified ones a resumed run
+kept) are the per-tensor hashes the output manifest records, so no output byte is hashed twice.
 """
 
 from __future__ import annotations
@@ -253,13 +254,16 @@ class TensorCommitter:
     ``tensor_done(name)`` is called once a tensor's last byte has been written to its shard in ``directory``;
     ``close()`` waits until every such tensor is journaled and raises the first error the thread met (an
     OSError of a full or failing disk, typically). ``journaled`` counts the tensors journaled so far.
+    ``resumed`` are the entries of an interrupted run whose bytes were verified (``verify_entries``); they are
+    not journaled again but are part of ``entries()``.
     """
 
     def __init__(self, directory: str | Path, shards: list[ShardLayout], journal: Journal, *,
-                 fault_after: int | None = None):
+                 fault_after: int | None = None, resumed: dict[str, JournalEntry] | None = None):
         self.journal = journal
         self.journaled = 0
         self._extents = tensor_extents(shards)
+        self._entries: dict[str, JournalEntry] = dict(resumed or {})  # written by the thread, read after close
         self._files = _ShardFiles(Path(directory))
         self._fault_after = fault_after
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -290,6 +294,13 @@ class TensorCommitter:
         self.journal.close()
         if raise_errors and self._error is not None:
             raise self._error
+
+    def entries(self) -> dict[str, JournalEntry]:
+        """Every tensor of the whole run with its journaled extent and sha256, by name: the resumed ones and
+        those journaled by this run. Call it after ``close()`` (the thread adds to it until then)."""
+        if not self._closed or self._thread.is_alive():
+            raise MergeError("TensorCommitter.entries() called before close()")
+        return dict(self._entries)
 
     def _run(self) -> None:
         while True:
@@ -328,6 +339,7 @@ class TensorCommitter:
                 raise MergeError(f"output tensor {n!r}: shard {shard} is shorter than its layout")
             entries.append(JournalEntry(n, shard, offset, length, digest))
         self.journal.append(entries)
+        self._entries.update((e.name, e) for e in entries)  # only once durable: what the journal promises
         self.journaled += len(entries)
         if self._fault_after is not None and self.journaled >= self._fault_after:
             _die()
