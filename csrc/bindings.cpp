@@ -309,6 +309,88 @@ TiesMapArgs check_ties_map(int64_t base_ptr, const std::vector<int64_t>& expert_
   return a;
 }
 
+struct DareMapArgs {
+  const void* base;
+  std::vector<const void*> experts;
+  std::vector<float> weights, scales, limits;
+  std::vector<const float*> probs;
+  bool any_probs = false;
+  std::vector<uint32_t> models;
+  DType in_dtype, out_dtype;
+  void* out;
+  float lambda, divisor;
+  pymerge::Consensus consensus;
+};
+
+// The checks of the CPU and CUDA DARE/DELLA maps (the CUDA one adds its input limit); probs[j] is the
+// scalar keep probability of expert j, used where prob_ptrs[j] == 0 (else n fp32 probabilities there).
+DareMapArgs check_dare_map(int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
+                           const std::vector<double>& weights, const std::vector<double>& scales,
+                           const std::vector<double>& probs, const std::vector<int64_t>& prob_ptrs,
+                           const std::vector<int64_t>& model_ids, int64_t start, int consensus, bool normalize,
+                           double divisor, double lambda, int64_t out_ptr, int out_dtype, bool has_out = true) {
+  check_count(n);
+  const size_t k = expert_ptrs.size();
+  if (k == 0) fail("expert_ptrs: at least one expert is required");
+  check_per_expert(k, weights.size(), "weights");
+  check_per_expert(k, scales.size(), "scales");
+  check_per_expert(k, probs.size(), "probs");
+  check_per_expert(k, prob_ptrs.size(), "prob_ptrs");
+  check_per_expert(k, model_ids.size(), "model_ids");
+  check_stream_range(start, n);
+  if (consensus < 0 || consensus > 2) {
+    fail("consensus: expected 0 (none), 1 (sum) or 2 (count), got " + std::to_string(consensus));
+  }
+  DareMapArgs a;
+  a.consensus = static_cast<pymerge::Consensus>(consensus);
+  a.in_dtype = checked_dtype(in_dtype, "in_dtype");
+  a.out_dtype = checked_dtype(out_dtype, "out_dtype");
+  check_bytes(n, a.in_dtype, "inputs");
+  check_bytes(n, a.out_dtype, "out");
+  // Without an output (the L1-norm pass) out is 0 and 0 bytes long: nothing can overlap it.
+  const uintptr_t out = has_out ? checked_pointer(out_ptr, n, "out_ptr") : 0;
+  const int64_t in_bytes = n * pymerge::dtype_size(a.in_dtype);
+  const int64_t out_bytes = has_out ? n * pymerge::dtype_size(a.out_dtype) : 0;
+  const auto check_input = [&](int64_t ptr, const std::string& what) {  // as check_ties_map
+    const uintptr_t p = checked_pointer(ptr, n, what);
+    const bool in_place = p == out && a.in_dtype == a.out_dtype;
+    if (!in_place && overlaps(p, in_bytes, out, out_bytes)) {
+      fail(what + ": overlaps the output buffer; the output must be separate (or exactly an input of the "
+                  "same dtype)");
+    }
+    return reinterpret_cast<const void*>(p);
+  };
+  const auto finite_f32 = [](double v, const std::string& what) {
+    const float f = static_cast<float>(v);
+    if (!std::isfinite(v) || !std::isfinite(f)) fail(what + ": must be finite in float32, got " + std::to_string(v));
+    return f;
+  };
+  a.base = check_input(base_ptr, "base_ptr");
+  for (size_t j = 0; j < k; ++j) {
+    const std::string index = "[" + std::to_string(j) + "]";
+    a.experts.push_back(check_input(expert_ptrs[j], "expert_ptrs" + index));
+    a.weights.push_back(finite_f32(weights[j], "weights" + index));
+    a.scales.push_back(finite_f32(scales[j], "scales" + index));
+    if (std::isnan(probs[j])) fail("probs" + index + ": must be a probability, got NaN");
+    a.limits.push_back(pymerge::philox::keep_limit(static_cast<float>(probs[j])));
+    if (prob_ptrs[j] != 0) {
+      const uintptr_t p = checked_pointer(prob_ptrs[j], n, "prob_ptrs" + index);
+      if (p % alignof(float) != 0) fail("prob_ptrs" + index + ": must be 4-byte aligned (a float32 buffer)");
+      if (overlaps(p, n * 4, out, out_bytes)) fail("prob_ptrs" + index + ": overlaps the output buffer");
+      a.any_probs = true;
+    }
+    a.probs.push_back(reinterpret_cast<const float*>(static_cast<uintptr_t>(prob_ptrs[j])));
+    a.models.push_back(checked_u32(model_ids[j], ("model_ids" + index).c_str()));
+  }
+  a.lambda = finite_f32(lambda, "lambda_");
+  a.divisor = finite_f32(divisor, "divisor");
+  if (normalize && a.consensus == pymerge::Consensus::None && a.divisor == 0.0f) {
+    fail("divisor: normalize without consensus needs a non-zero divisor");
+  }
+  a.out = reinterpret_cast<void*>(out);
+  return a;
+}
+
 py::dict build_info() {
   py::dict info;
 #if defined(PYMERGE_WITH_CUDA)
@@ -368,86 +450,6 @@ void check_cuda_inputs(size_t k, int64_t max_inputs, const char* what, const cha
     fail(std::string(what) + ": the CUDA " + op + " takes at most " + std::to_string(max_inputs) +
          " inputs, got " + std::to_string(k));
   }
-}
-
-struct DareMapArgs {
-  const void* base;
-  std::vector<const void*> experts;
-  std::vector<float> weights, scales, limits;
-  std::vector<const float*> probs;
-  bool any_probs = false;
-  std::vector<uint32_t> models;
-  DType in_dtype, out_dtype;
-  void* out;
-  float lambda, divisor;
-  pymerge::cuda::Consensus consensus;
-};
-
-DareMapArgs check_dare_map(int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
-                           const std::vector<double>& weights, const std::vector<double>& scales,
-                           const std::vector<double>& probs, const std::vector<int64_t>& prob_ptrs,
-                           const std::vector<int64_t>& model_ids, int64_t start, int consensus, bool normalize,
-                           double divisor, double lambda, int64_t out_ptr, int out_dtype) {
-  check_count(n);
-  const size_t k = expert_ptrs.size();
-  if (k == 0) fail("expert_ptrs: at least one expert is required");
-  check_cuda_inputs(k, pymerge::cuda::kMaxDareInputs, "expert_ptrs", "DARE map");
-  check_per_expert(k, weights.size(), "weights");
-  check_per_expert(k, scales.size(), "scales");
-  check_per_expert(k, probs.size(), "probs");
-  check_per_expert(k, prob_ptrs.size(), "prob_ptrs");
-  check_per_expert(k, model_ids.size(), "model_ids");
-  check_stream_range(start, n);
-  if (consensus < 0 || consensus > 2) {
-    fail("consensus: expected 0 (none), 1 (sum) or 2 (count), got " + std::to_string(consensus));
-  }
-  DareMapArgs a;
-  a.consensus = static_cast<pymerge::cuda::Consensus>(consensus);
-  a.in_dtype = checked_dtype(in_dtype, "in_dtype");
-  a.out_dtype = checked_dtype(out_dtype, "out_dtype");
-  check_bytes(n, a.in_dtype, "inputs");
-  check_bytes(n, a.out_dtype, "out");
-  const uintptr_t out = checked_pointer(out_ptr, n, "out_ptr");
-  const int64_t in_bytes = n * pymerge::dtype_size(a.in_dtype);
-  const int64_t out_bytes = n * pymerge::dtype_size(a.out_dtype);
-  const auto check_input = [&](int64_t ptr, const std::string& what) {  // as check_ties_map
-    const uintptr_t p = checked_pointer(ptr, n, what);
-    const bool in_place = p == out && a.in_dtype == a.out_dtype;
-    if (!in_place && overlaps(p, in_bytes, out, out_bytes)) {
-      fail(what + ": overlaps the output buffer; the output must be separate (or exactly an input of the "
-                  "same dtype)");
-    }
-    return reinterpret_cast<const void*>(p);
-  };
-  const auto finite_f32 = [](double v, const std::string& what) {
-    const float f = static_cast<float>(v);
-    if (!std::isfinite(v) || !std::isfinite(f)) fail(what + ": must be finite in float32, got " + std::to_string(v));
-    return f;
-  };
-  a.base = check_input(base_ptr, "base_ptr");
-  for (size_t j = 0; j < k; ++j) {
-    const std::string index = "[" + std::to_string(j) + "]";
-    a.experts.push_back(check_input(expert_ptrs[j], "expert_ptrs" + index));
-    a.weights.push_back(finite_f32(weights[j], "weights" + index));
-    a.scales.push_back(finite_f32(scales[j], "scales" + index));
-    if (std::isnan(probs[j])) fail("probs" + index + ": must be a probability, got NaN");
-    a.limits.push_back(pymerge::philox::keep_limit(static_cast<float>(probs[j])));
-    if (prob_ptrs[j] != 0) {
-      const uintptr_t p = checked_pointer(prob_ptrs[j], n, "prob_ptrs" + index);
-      if (p % alignof(float) != 0) fail("prob_ptrs" + index + ": must be 4-byte aligned (a float32 buffer)");
-      if (overlaps(p, n * 4, out, out_bytes)) fail("prob_ptrs" + index + ": overlaps the output buffer");
-      a.any_probs = true;
-    }
-    a.probs.push_back(reinterpret_cast<const float*>(static_cast<uintptr_t>(prob_ptrs[j])));
-    a.models.push_back(checked_u32(model_ids[j], ("model_ids" + index).c_str()));
-  }
-  a.lambda = finite_f32(lambda, "lambda_");
-  a.divisor = finite_f32(divisor, "divisor");
-  if (normalize && a.consensus == pymerge::cuda::Consensus::None && a.divisor == 0.0f) {
-    fail("divisor: normalize without consensus needs a non-zero divisor");
-  }
-  a.out = reinterpret_cast<void*>(out);
-  return a;
 }
 
 void def_cuda_merge_kernels(py::module_& m) {
@@ -591,6 +593,7 @@ void def_cuda_merge_kernels(py::module_& m) {
          const std::vector<int64_t>& prob_ptrs, uint64_t seed, const std::vector<int64_t>& model_ids,
          int64_t name_hash, int64_t start, int consensus, bool normalize, double divisor, double lambda,
          int64_t out_ptr, int out_dtype, int64_t stream) {
+        check_cuda_inputs(expert_ptrs.size(), pymerge::cuda::kMaxDareInputs, "expert_ptrs", "DARE map");
         const DareMapArgs a = check_dare_map(base_ptr, expert_ptrs, in_dtype, n, weights, scales, probs, prob_ptrs,
                                              model_ids, start, consensus, normalize, divisor, lambda, out_ptr,
                                              out_dtype);
@@ -785,6 +788,68 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out_ptr"), py::arg("out_dtype"), py::arg("consensus") = true,
       "TIES trim/elect/disjoint-mean map (formula in cpu_kernels.h): keeps key > T, and key == T at flat "
       "index <= the expert's tie cutoff.");
+
+  m.def(
+      "dare_map",
+      [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
+         const std::vector<double>& weights, const std::vector<double>& scales, const std::vector<double>& probs,
+         const std::vector<int64_t>& prob_ptrs, uint64_t seed, const std::vector<int64_t>& model_ids,
+         int64_t name_hash, int64_t start, int consensus, bool normalize, double divisor, double lambda,
+         int64_t out_ptr, int out_dtype) {
+        const DareMapArgs a = check_dare_map(base_ptr, expert_ptrs, in_dtype, n, weights, scales, probs, prob_ptrs,
+                                             model_ids, start, consensus, normalize, divisor, lambda, out_ptr,
+                                             out_dtype);
+        const uint32_t hash = checked_u32(name_hash, "name_hash");
+        py::gil_scoped_release release;
+        pymerge::cpu::dare_map(a.base, a.experts.data(), int64_t(a.experts.size()), a.in_dtype, n, a.weights.data(),
+                               a.scales.data(), a.limits.data(), a.any_probs ? a.probs.data() : nullptr, seed,
+                               a.models.data(), hash, start, a.consensus, normalize, a.divisor, a.lambda, a.out,
+                               a.out_dtype);
+      },
+      py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("weights"),
+      py::arg("scales"), py::arg("probs"), py::arg("prob_ptrs"), py::arg("seed"), py::arg("model_ids"),
+      py::arg("name_hash"), py::arg("start"), py::arg("consensus"), py::arg("normalize"), py::arg("divisor"),
+      py::arg("lambda_"), py::arg("out_ptr"), py::arg("out_dtype"),
+      "DARE/DELLA map (formula in cpu_kernels.h): Philox masks, rescale, weights, election, base (CPU memory).");
+
+  m.def(
+      "dare_l1_rows",
+      [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int dtype, int64_t rows, int64_t cols,
+         const std::vector<double>& probs, const std::vector<int64_t>& prob_ptrs, uint64_t seed,
+         const std::vector<int64_t>& model_ids, int64_t name_hash, int64_t start, int64_t out_ptr) {
+        if (rows < 0 || cols < 0) {
+          fail("rows, cols: must be >= 0, got " + std::to_string(rows) + ", " + std::to_string(cols));
+        }
+        if (cols > 0 && rows > std::numeric_limits<int64_t>::max() / cols) fail("rows * cols: too large");
+        const int64_t n = rows * cols;
+        const size_t k = expert_ptrs.size();
+        // The map's checks with no output: weights and scales do not enter the norms.
+        const DareMapArgs a = check_dare_map(base_ptr, expert_ptrs, dtype, n, std::vector<double>(k, 1.0),
+                                             std::vector<double>(k, 1.0), probs, prob_ptrs, model_ids, start,
+                                             0, false, 1.0, 1.0, 0, int(DType::F32), /*has_out=*/false);
+        if (k > 0 && rows > std::numeric_limits<int64_t>::max() / int64_t(2 * k * sizeof(double))) {
+          fail("out: k * rows norms are too many");
+        }
+        const int64_t out_bytes = rows * int64_t(2 * k * sizeof(double));
+        const uintptr_t out = checked_pointer(out_ptr, rows * int64_t(2 * k), "out_ptr");
+        if (out % alignof(double) != 0) fail("out_ptr: must be 8-byte aligned (a float64 buffer)");
+        const int64_t in_bytes = n * pymerge::dtype_size(a.in_dtype);
+        if (overlaps(reinterpret_cast<uintptr_t>(a.base), in_bytes, out, out_bytes)) fail("out_ptr: overlaps base");
+        for (size_t j = 0; j < k; ++j) {
+          if (overlaps(reinterpret_cast<uintptr_t>(a.experts[j]), in_bytes, out, out_bytes)) {
+            fail("out_ptr: overlaps expert_ptrs[" + std::to_string(j) + "]");
+          }
+        }
+        const uint32_t hash = checked_u32(name_hash, "name_hash");
+        py::gil_scoped_release release;
+        pymerge::cpu::dare_l1_rows(a.base, a.experts.data(), int64_t(k), a.in_dtype, rows, cols, start, seed,
+                                   a.models.data(), hash, a.limits.data(), a.any_probs ? a.probs.data() : nullptr,
+                                   reinterpret_cast<double*>(out));
+      },
+      py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+      py::arg("probs"), py::arg("prob_ptrs"), py::arg("seed"), py::arg("model_ids"), py::arg("name_hash"),
+      py::arg("start"), py::arg("out_ptr"),
+      "Per expert and row: (sum |t|, sum |t| * keep) in fp64, left to right (formula in cpu_kernels.h).");
 
 #if defined(PYMERGE_WITH_CUDA)
   m.def(

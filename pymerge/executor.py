@@ -258,11 +258,13 @@ def _merge_raw(plan: Plan, pt: PlannedTensor, merge, writer_fn: Callable[[torch.
     from .ops.native_cpu import count_nonfinite
 
     job = pt.job
-    per_row = job.row_numel * itemsize * 2  # this chunk's output and the previous one, still being written
+    # this chunk's output and the previous one, still being written; plus the merge's own temporaries
+    per_row = int(job.row_numel * (itemsize * 2 + merge.raw_scratch_per_element))
     step = min(job.rows, budget // max(per_row, 1))
     if step < 1:
-        raise MergeError(f"tensor '{job.name}': one output row needs {per_row:,} bytes (twice: one being written "
-                         f"behind), more than the budget of {budget:,} bytes; raise --max-memory")
+        raise MergeError(f"tensor '{job.name}': one output row needs {per_row:,} bytes (its output twice, one "
+                         f"being written behind, and the merge's scratch), more than the budget of {budget:,} "
+                         "bytes; raise --max-memory")
     chunks = _chunks(job.rows, step)
     if len(chunks) > 1:
         stats.chunked_tensors += 1

@@ -12,13 +12,12 @@
 #include "pymerge/cpu_parallel.h"
 #include "pymerge/dtype.h"
 #include "pymerge/radix_select.h"
+#include "gta_tile.h"
 
 namespace pymerge::cpu {
 namespace {
 
-// Per-tile fp32 scratch: base, election sum, mixed sum, divisor and one row per expert; 512 elements keep it
-// in L1 for a handful of experts.
-constexpr int64_t kTile = 512;
+using gta::kTile;
 
 struct TiesArgs {
   const void* base;
@@ -66,24 +65,15 @@ void trim_weight(const typename DTypeTraits<S>::storage* __restrict x, const flo
   }
 }
 
-// 1.0f when sgn(d) equals the elected sign (+1 if sum >= 0, else -1; a NaN sum elects -1), else 0.0f; zeros
-// and NaN never agree. Both sides are evaluated and combined bitwise: signs are random, so a branch would mispredict
-// often, and the branch-free form vectorizes.
-inline float agreement(float sum, float d) {
-  const bool positive = sum >= 0.0f;
-  return ((positive & (d > 0.0f)) | (!positive & (d < 0.0f))) ? 1.0f : 0.0f;
-}
-
 // scratch: (k + 4) * kTile floats.
 template <DType S, DType D, bool kNormalize, bool kConsensus>
 void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
   using SrcT = typename DTypeTraits<S>::storage;
   using DstT = typename DTypeTraits<D>::storage;
-  float* __restrict b = scratch;
-  float* __restrict sum = b + kTile;
-  float* __restrict mixed = sum + kTile;
-  float* __restrict divisor = mixed + kTile;
-  float* __restrict deltas = divisor + kTile;  // k rows of kTile
+  const gta::Tile tile(scratch);
+  float* __restrict b = tile.b;
+  float* __restrict sum = tile.sum;
+  float* __restrict deltas = tile.deltas;  // k rows of kTile
   const SrcT* __restrict base = static_cast<const SrcT*>(a.base);
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t m = std::min(kTile, end - t);
@@ -100,45 +90,8 @@ void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
       }
     }
 
-    DstT* __restrict o = static_cast<DstT*>(a.out) + t;
-    const float lambda = a.lambda;
-    const bool apply_lambda = a.apply_lambda;
-    if (!kConsensus) {
-      // Plain task arithmetic: the in-order sum of the weighted (trimmed) task vectors, one constant divisor.
-      for (int64_t i = 0; i < m; ++i) {
-        float r = sum[i];
-        if (kNormalize) r = r / a.divisor;
-        if (apply_lambda) r = r * lambda;
-        o[i] = DTypeTraits<D>::narrow(b[i] + r);
-      }
-      continue;
-    }
-
-    // gamma = +1 if sum >= 0 else -1 (NaN: -1); an expert agrees when sgn(d) == gamma (zeros never do).
-    for (int64_t j = 0; j < a.k; ++j) {
-      const float* __restrict d = deltas + j * kTile;
-      const float w = a.weights[j];
-      if (j == 0) {
-        for (int64_t i = 0; i < m; ++i) {
-          const float agree = agreement(sum[i], d[i]);
-          mixed[i] = d[i] * agree;
-          if (kNormalize) divisor[i] = w * agree;
-        }
-      } else {
-        for (int64_t i = 0; i < m; ++i) {
-          const float agree = agreement(sum[i], d[i]);
-          mixed[i] = mixed[i] + d[i] * agree;
-          if (kNormalize) divisor[i] = divisor[i] + w * agree;
-        }
-      }
-    }
-
-    for (int64_t i = 0; i < m; ++i) {
-      float r = mixed[i];
-      if (kNormalize) r = r / (divisor[i] == 0.0f ? 1.0f : divisor[i]);
-      if (apply_lambda) r = r * lambda;
-      o[i] = DTypeTraits<D>::narrow(b[i] + r);
-    }
+    gta::finish_tile<D, kNormalize, kConsensus>(tile, a.weights, a.k, m, a.divisor, a.lambda, a.apply_lambda,
+                                                static_cast<DstT*>(a.out) + t);
   }
 }
 

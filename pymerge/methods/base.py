@@ -162,6 +162,9 @@ class TensorMerge:
 
     reduce_passes: int = 0
     raw_inputs: bool = False  # chunks carry the stored bytes (``Chunk.raw``), map returns ``job.out_dtype``
+    # Working memory a raw merge allocates per element of a chunk beyond its output (torch temporaries); the
+    # executor counts it when it sizes the chunks.
+    raw_scratch_per_element: float = 0.0
     # A raw merge whose first reduce pass reads every element of every input may set ``finds_nonfinite``: the
     # executor then skips its NaN/Inf scan and, when the NaN policy applies, sets ``nonfinite_found`` to a
     # callable the merge must call at the end of that pass if its statistics saw a non-finite value (the

@@ -140,15 +140,19 @@ class GeneralizedTaskArithmetic(Method):
     consensus: bool = False
 
     def start(self, job: TensorJob) -> TensorMerge:
-        if job.backend == "cpu" and self.sparsifier in ("random", "della_magprune"):
-            return _GTAMerge(self, job)  # torch arithmetic on masks from the native Philox (sparsify.py)
-        if job.backend == "cpu":
-            from .native_dispatch import native_or_torch
-            from .task_arithmetic_native import NativeGTAMerge, native_gta_unsupported
+        if job.backend != "cpu":
+            return _GTAMerge(self, job)
+        from .native_dispatch import native_or_torch
 
-            return native_or_torch(job, native_gta_unsupported(self, job), lambda: NativeGTAMerge(self, job),
+        if self.sparsifier in ("random", "della_magprune"):
+            from .dare_native import NativeDareMerge, native_dare_unsupported
+
+            return native_or_torch(job, native_dare_unsupported(self, job), lambda: NativeDareMerge(self, job),
                                    lambda: _GTAMerge(self, job))
-        return _GTAMerge(self, job)
+        from .task_arithmetic_native import NativeGTAMerge, native_gta_unsupported
+
+        return native_or_torch(job, native_gta_unsupported(self, job), lambda: NativeGTAMerge(self, job),
+                               lambda: _GTAMerge(self, job))
 
     # --- trim_scope: global (ties only) ---
     def global_passes(self, params: dict) -> int:

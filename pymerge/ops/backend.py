@@ -11,7 +11,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # Methods each native backend runs (for some parameter combinations: a tensor the backend cannot run falls
 # back to torch under 'auto' and is an error when the backend was named; methods/native_dispatch.py).
-# dare_* and della* draw their Philox masks natively and do the rest of their arithmetic with torch ops.
+# On cpu, dare_* and della* run fused native passes; DELLA ranks its magnitudes with torch ops.
 NATIVE_METHODS: dict[str, frozenset[str]] = {
     "cpu": frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),
     "cuda": frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),

@@ -33,3 +33,16 @@ class ExactSum:
 def row_sums(x: torch.Tensor) -> torch.Tensor:
     """fp64 sum of each row of a [rows, cols] tensor."""
     return x.to(torch.float64).sum(dim=-1)
+
+
+def sequential_row_sums(x: torch.Tensor) -> torch.Tensor:
+    """fp64 sum of each row of a [rows, cols] tensor, accumulated strictly left to right from 0.0.
+
+    One fixed order that a compiled kernel can reproduce bit for bit (``torch.sum`` picks a vectorized order of
+    its own): the native DARE/DELLA L1 pass (``native_cpu.dare_l1_rows``) sums the same way, so ``rescale``
+    gives both backends the same bits. ``cumsum`` on the CPU accumulates in index order.
+    """
+    x = x.to(torch.float64)
+    if x.shape[-1] == 0:
+        return torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
+    return x.cumsum(dim=-1)[..., -1]

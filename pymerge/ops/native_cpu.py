@@ -406,3 +406,95 @@ def ties_tensor(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Se
     cutoffs, _ = tie_cutoffs(base, experts, keys, [tie_budget(th) for th in thresholds])
     return ties_map(base, experts, weights, keys, cutoffs, lambda_=lambda_, normalize=normalize,
                     out_dtype=out_dtype)
+
+
+# ---- DARE / DELLA (pymerge/methods/sparsify.py and task_arithmetic.py are the twin) ----
+
+CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
+
+
+def per_expert(values: Sequence, k: int, what: str) -> list:
+    values = list(values)
+    if len(values) != k:
+        raise ValueError(f"{what}: got {len(values)} values for {k} experts (one per expert)")
+    return values
+
+
+def dare_probs(probs: Sequence, like: torch.Tensor, device_type: str) -> tuple[list[float], list[int]]:
+    """(scalar probabilities, probability buffer addresses) of the DARE/DELLA kernels: per expert a float keep
+    probability (address 0) or a contiguous fp32 tensor of ``like``'s numel on ``like``'s device (DELLA)."""
+    ps, ptrs = [], []
+    for j, p in enumerate(probs):
+        if isinstance(p, torch.Tensor):
+            check_tensor(p, f"probs[{j}]", device_type)
+            if p.dtype != torch.float32 or p.numel() != like.numel() or p.device != like.device:
+                raise ValueError(f"probs[{j}]: expected {like.numel()} float32 probabilities on {like.device}")
+            ps.append(0.0)
+            ptrs.append(p.data_ptr())
+        else:
+            ps.append(float(p))
+            ptrs.append(0)
+    return ps, ptrs
+
+
+def plain_divisor(weights: Sequence[float]) -> float:
+    """The no-consensus divisor of the torch twin: fp32 weights summed in order in fp32, |.| < 1e-8 -> 1."""
+    acc = torch.tensor(float(weights[0]), dtype=torch.float32)
+    for w in weights[1:]:
+        acc = acc + torch.tensor(float(w), dtype=torch.float32)
+    return 1.0 if bool(acc.abs() < 1e-8) else float(acc)
+
+
+def dare_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], *, seed: int,
+             model_ids: Sequence[int], tensor_name: str, probs: Sequence, scales: Optional[Sequence[float]] = None,
+             start: int = 0, consensus: Optional[str] = "sum", normalize: bool = False, lambda_: float = 1.0,
+             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The DARE / DELLA map on CPU tensors in one fused pass (formula in csrc/include/pymerge/cpu_kernels.h):
+    Philox keep masks, ``scales`` (the L1 rescale), weights, sign election (``consensus``: "sum", "count" or
+    None), normalize, lambda, + base, narrowed to ``out_dtype`` (default base's dtype).
+
+    ``probs``: per expert a float keep probability (DARE; 1.0 keeps everything) or a contiguous fp32 tensor of
+    base's numel (DELLA's per-element probabilities). ``start``: flat index of base's first element in the
+    whole tensor (the mask stream position). Bit-identical to the torch generalized task arithmetic with the
+    random / della_magprune sparsifier given the same scales, and to ``native_cuda.dare_map``.
+    """
+    from .philox import name_hash
+
+    native = require_native("the native CPU DARE map")
+    _check_same(experts, "experts", base)
+    k = len(experts)
+    if consensus not in CONSENSUS_CODES:
+        raise ValueError(f"consensus: expected 'sum', 'count' or None, got {consensus!r}")
+    ws = [float(w) for w in per_expert(weights, k, "weights")]
+    ps, ptrs = dare_probs(per_expert(probs, k, "probs"), base, "cpu")
+    sc = [1.0] * k if scales is None else [float(s) for s in per_expert(scales, k, "scales")]
+    out = torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype)
+    native.dare_map(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"), base.numel(),
+                    ws, sc, ps, ptrs, int(seed) & _MASK64,
+                    [int(m) & _MASK32 for m in per_expert(model_ids, k, "model_ids")], name_hash(tensor_name),
+                    int(start), CONSENSUS_CODES[consensus], bool(normalize), plain_divisor(ws), float(lambda_),
+                    out.data_ptr(), dtype_code(out.dtype, "out_dtype"))
+    return out
+
+
+def dare_l1_rows(base: torch.Tensor, experts: Sequence[torch.Tensor], *, seed: int, model_ids: Sequence[int],
+                 tensor_name: str, probs: Sequence, start: int = 0) -> torch.Tensor:
+    """[k, rows, 2] float64: per expert and row of the [rows, cols] chunk, (sum |t|, sum |t| * keep) with
+    t = x - base in fp32 and keep the expert's Philox mask (``probs`` and ``start`` as in ``dare_map``), each
+    summed left to right in fp64 (``pymerge.ops.exact_sum.sequential_row_sums`` is the twin's order).
+    ``base`` and ``experts`` are 2-D (a vector is one row)."""
+    from .philox import name_hash
+
+    native = require_native("the native CPU DARE L1 norms")
+    _check_same(experts, "experts", base)
+    if base.dim() != 2:
+        raise ValueError(f"base: expected a [rows, cols] chunk, got shape {tuple(base.shape)}")
+    k = len(experts)
+    rows, cols = base.shape
+    ps, ptrs = dare_probs(per_expert(probs, k, "probs"), base, "cpu")
+    out = torch.empty((k, rows, 2), dtype=torch.float64)
+    native.dare_l1_rows(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"), rows,
+                        cols, ps, ptrs, int(seed) & _MASK64,
+                        [int(m) & _MASK32 for m in per_expert(model_ids, k, "model_ids")], name_hash(tensor_name),
+                        int(start), out.data_ptr())
+    return out

@@ -17,7 +17,8 @@ import torch
 
 from pymerge._native import native_module, native_unavailable_reason, require_native
 from pymerge.errors import BackendUnavailable
-from pymerge.ops.native_cpu import check_inputs, check_tensor, dtype_code
+from pymerge.ops.native_cpu import (CONSENSUS_CODES, check_inputs, check_tensor, dare_probs, dtype_code,
+                                    per_expert, plain_divisor)
 
 _runtime_lock = threading.Lock()
 _runtime_error: Optional[str] = None
@@ -109,7 +110,6 @@ def weighted_sum(
 # ---- Exact top-k, TIES, Philox masks, DARE/DELLA (same contracts as native_cpu; bit-identical results) ----
 
 RADIX_BINS = 1 << 16
-CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -128,13 +128,6 @@ def _check_same(xs: Sequence[torch.Tensor], what: str, like: Optional[torch.Tens
             raise ValueError(f"{what}[{j}]: {tuple(x.shape)} {x.dtype} on {x.device} differs from {ref_name}: "
                              f"{tuple(first.shape)} {first.dtype} on {first.device}")
     return first
-
-
-def _per_expert(values: Sequence, k: int, what: str) -> list:
-    values = list(values)
-    if len(values) != k:
-        raise ValueError(f"{what}: got {len(values)} values for {k} experts (one per expert)")
-    return values
 
 
 def _hist(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], hist: Optional[torch.Tensor],
@@ -178,8 +171,8 @@ def tie_cutoffs(base: torch.Tensor, experts: Sequence[torch.Tensor], thresh_keys
     stream (the results come back to the host); no kernel runs when no budget is positive."""
     _check_same(experts, "experts", base)
     k = len(experts)
-    keys = [int(t) for t in _per_expert(thresh_keys, k, "thresh_keys")]
-    budgets = [int(b) for b in _per_expert(tie_budgets, k, "tie_budgets")]
+    keys = [int(t) for t in per_expert(thresh_keys, k, "thresh_keys")]
+    budgets = [int(b) for b in per_expert(tie_budgets, k, "tie_budgets")]
     n = base.numel()
     if all(b <= 0 for b in budgets) or n == 0:  # the contract without a scan
         return [n if b < 0 or (b > 0 and n == 0) else -1 for b in budgets], budgets
@@ -203,9 +196,9 @@ def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
     native = _require_cuda("the native CUDA TIES map")
     _check_same(experts, "experts", base)
     k = len(experts)
-    ws = [float(w) for w in _per_expert(weights, k, "weights")]
-    keys = [int(t) for t in _per_expert(thresh_keys, k, "thresh_keys")]
-    cuts = [int(c) for c in _per_expert(tie_cutoffs, k, "tie_cutoffs")]
+    ws = [float(w) for w in per_expert(weights, k, "weights")]
+    keys = [int(t) for t in per_expert(thresh_keys, k, "thresh_keys")]
+    cuts = [int(c) for c in per_expert(tie_cutoffs, k, "tie_cutoffs")]
     out = _out_like(base, out, out_dtype)
     with torch.cuda.device(base.device):
         native.cuda_ties_map(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"),
@@ -284,27 +277,15 @@ def dare_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
     k = len(experts)
     if consensus not in CONSENSUS_CODES:
         raise ValueError(f"consensus: expected 'sum', 'count' or None, got {consensus!r}")
-    ws = [float(w) for w in _per_expert(weights, k, "weights")]
-    ps, ptrs = [], []
-    for j, p in enumerate(_per_expert(probs, k, "probs")):
-        if isinstance(p, torch.Tensor):
-            check_tensor(p, f"probs[{j}]", "cuda")
-            if p.dtype != torch.float32 or p.numel() != base.numel() or p.device != base.device:
-                raise ValueError(f"probs[{j}]: expected {base.numel()} float32 probabilities on {base.device}")
-            ps.append(0.0), ptrs.append(p.data_ptr())
-        else:
-            ps.append(float(p)), ptrs.append(0)
-    sc = [1.0] * k if scales is None else [float(s) for s in _per_expert(scales, k, "scales")]
-    # No consensus: the torch twin's divisor, fp32 weights summed in order in fp32, |.| < 1e-8 -> 1.
-    acc = torch.tensor(ws[0], dtype=torch.float32)
-    for w in ws[1:]:
-        acc = acc + torch.tensor(w, dtype=torch.float32)
-    divisor = 1.0 if bool(acc.abs() < 1e-8) else float(acc)  # compared in fp32, as the twin does
+    ws = [float(w) for w in per_expert(weights, k, "weights")]
+    ps, ptrs = dare_probs(per_expert(probs, k, "probs"), base, "cuda")
+    sc = [1.0] * k if scales is None else [float(s) for s in per_expert(scales, k, "scales")]
+    divisor = plain_divisor(ws)
     out = _out_like(base, out, out_dtype)
     with torch.cuda.device(base.device):
         native.cuda_dare_map(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"),
                              base.numel(), ws, sc, ps, ptrs, int(seed) & _MASK64,
-                             [int(m) & _MASK32 for m in _per_expert(model_ids, k, "model_ids")],
+                             [int(m) & _MASK32 for m in per_expert(model_ids, k, "model_ids")],
                              name_hash(tensor_name), int(start), CONSENSUS_CODES[consensus], bool(normalize),
                              divisor, float(lambda_), out.data_ptr(), dtype_code(out.dtype, "out"),
                              _stream_handle(base.device))

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "pymerge/consensus.h"
 #include "pymerge/dtype.h"
 
 namespace pymerge::cpu {
@@ -74,6 +75,35 @@ void tie_cutoffs(const void* base, const void* const* experts, int64_t k, DType 
 void ties_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
               const float* weights, const int32_t* thresh_keys, const int64_t* cutoffs, float lambda,
               bool normalize, bool consensus, void* out, DType out_dtype);
+
+// ---- DARE / DELLA (random and magnitude-ranked random sparsifiers) ----
+
+// For i < n, element e = start + i of the tensor, fp32 with every operation rounded separately (no FMA):
+//   t_j = widen(x_j[i]) - widen(base[i])
+//   keep_j = float(word_j(e) >> 8) < L_j,  word_j = philox stream (seed, model_ids[j], name_hash) (philox.h),
+//            L_j = limits[j] (= fp32(p_j) * 2^24), or probs[j][i] * 2^24 when probs && probs[j] (DELLA)
+//   d_j = ((t_j * keep_j) * scales[j]) * weights[j]                      (keep as 1.0f / 0.0f)
+//   Sum / Count: s = d_0 + d_1 + ... (Count: sgn(d_0) + ..., sgn as torch.sign: 0 for zeros and NaN);
+//                gamma = s >= 0 ? +1 : -1; a_j = sgn(d_j) == gamma; m = sum_j d_j a_j; v = sum_j w_j a_j (0 -> 1)
+//   None:        m = d_0 + d_1 + ...;  v = divisor
+//   r = normalize ? m / v : m;  r = r * lambda (skipped when lambda == 1);  out[i] = narrow(base + r)
+// All sums run in expert order from their first term. The CPU twin of pymerge::cuda::dare_map (same bits).
+// Pre: k >= 1; n >= 0; pointers non-null when n > 0; start >= 0; probs[j] (when given) holds n floats;
+// weights, scales, lambda finite; divisor non-zero when normalize without consensus; out as for ties_map.
+void dare_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
+              const float* weights, const float* scales, const float* limits, const float* const* probs,
+              uint64_t seed, const uint32_t* model_ids, uint32_t name_hash, int64_t start, Consensus consensus,
+              bool normalize, float divisor, float lambda, void* out, DType out_dtype);
+
+// The L1 norms behind DARE/DELLA's rescale, per expert j and row r of a [rows, cols] chunk whose first element
+// is flat element `start` of the tensor (t_j and keep_j as in dare_map, element e = start + r * cols + c):
+//   out[(j * rows + r) * 2]     = sum_c double(|t_j|)
+//   out[(j * rows + r) * 2 + 1] = sum_c double(|t_j| * keep_j)      (the fp32 product, then widened)
+// each summed in fp64 strictly in column order from 0.0 (the canonical order the torch twin also uses).
+// Pre: k >= 1; rows, cols >= 0; pointers non-null when rows * cols > 0; out holds k * rows * 2 doubles.
+void dare_l1_rows(const void* base, const void* const* experts, int64_t k, DType dtype, int64_t rows,
+                  int64_t cols, int64_t start, uint64_t seed, const uint32_t* model_ids, uint32_t name_hash,
+                  const float* limits, const float* const* probs, double* out);
 
 // ---- NaN/Inf policy ----
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "pymerge/consensus.h"
 #include "pymerge/dtype.h"
 
 struct CUstream_st;
@@ -65,8 +66,8 @@ const char* philox_uniform24(uint64_t seed, uint32_t model, uint32_t name_hash, 
 const char* philox_keep_mask(uint64_t seed, uint32_t model, uint32_t name_hash, int64_t start, int64_t count,
                              float prob, const float* probs, uint8_t* out, Stream stream);
 
-// Sign election of dare_map: none (plain weighted sum), the weighted sum, or the count of signs.
-enum class Consensus : int32_t { None = 0, Sum = 1, Count = 2 };
+// Sign election of dare_map (consensus.h).
+using Consensus = pymerge::Consensus;
 
 // Per-expert inputs of dare_map travel in the parameter block: fewer than kMaxInputs fit in its 4 KiB.
 constexpr int64_t kMaxDareInputs = 64;

@@ -1,0 +1,117 @@
+"""DARE and DELLA (``dare_ties``, ``dare_linear``, ``della``, ``della_linear``) on the native CPU kernels: the
+same bytes as the torch merge of task_arithmetic.py + sparsify.py, read once per pass from the memory maps in
+their stored dtype (no fp32 copies of the expert stack).
+
+  rescale on   one reduce pass: ``dare_l1_rows`` gives each row's fp64 L1 norm before and after masking (the
+               Philox mask drawn in the kernel), summed exactly across rows as the torch ``Sparsifier`` does;
+               its ``end_pass`` turns them into the per-expert scales
+  map          one fused ``dare_map`` pass: masks drawn again, rescale, weights, sign election, base, narrow
+
+DELLA's keep probabilities depend on each element's rank of |tau| within its row; they are computed with the
+torch sparsifier's own function (``della_probabilities``, a sort per row) and handed to the kernels as fp32
+buffers, so only the ranking runs on torch ops.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ConfigError
+from .base import Chunk, TensorJob, TensorMerge
+from .native_dispatch import native_dtypes_unsupported
+from .sparsify import Sparsifier, della_probabilities
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .task_arithmetic import GeneralizedTaskArithmetic
+
+# DELLA's torch temporaries per element and expert while its probabilities are ranked: fp32 task vector and
+# keys (8 B), the sort's values and int64 indices (16 B), int64 ranks and their fp32 ratio (12 B), and the
+# fp32 probabilities kept for the kernels (4 B); rounded up to 48 B.
+DELLA_SCRATCH_PER_EXPERT = 48.0
+
+
+def native_dare_unsupported(method: "GeneralizedTaskArithmetic", job: TensorJob) -> str | None:
+    """Why the native CPU DARE/DELLA kernels cannot merge ``job`` with ``method`` (None when they can)."""
+    if method.sparsifier not in ("random", "della_magprune"):
+        return f"merge method '{method.spec.name}' is not a DARE/DELLA method"
+    if job.base_index is None or not job.expert_indices:
+        return "the native kernels need a base model and at least one other model"
+    return native_dtypes_unsupported(job)
+
+
+class NativeDareMerge(TensorMerge):
+    """dare_* / della* of one tensor on the native CPU kernels (module docstring)."""
+
+    raw_inputs = True
+
+    def __init__(self, method: "GeneralizedTaskArithmetic", job: TensorJob):
+        from ..ops import native_cpu
+
+        self.nc = native_cpu
+        self.job = job
+        self.experts = job.expert_indices
+        self.base = job.base_index
+        p = job.params
+        self.weights = [float(job.model_params[i]["weight"]) for i in self.experts]
+        self.normalize = bool(p["normalize"])
+        self.lam = float(p["lambda"])
+        self.consensus = p.get("consensus_method", "sum") if method.consensus else None
+        if self.consensus not in (None, "sum", "count"):
+            raise ConfigError(f"{job.name}: consensus_method must be 'sum' or 'count', got {self.consensus!r}")
+        # The torch sparsifier validates the parameters and owns the rescale state (its L1 sums and scales).
+        self.sp = Sparsifier(method.sparsifier, job, self.experts, bool(p["rescale"]))
+        self.della = method.sparsifier == "della_magprune"
+        self.reduce_passes = self.sp.passes
+        self.ids = [job.model_ids[i] for i in self.experts]
+        if self.della:
+            self.raw_scratch_per_element = DELLA_SCRATCH_PER_EXPERT * len(self.experts)
+        self._probs_cache: tuple[int, list] | None = None  # (row_start, probs): a resident tensor ranks once
+
+    def _inputs(self, chunk: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raw = chunk.raw
+        return raw[self.base], [raw[i] for i in self.experts]  # type: ignore[index]
+
+    def _probs(self, chunk: Chunk, base: torch.Tensor, experts: list[torch.Tensor]) -> list:
+        """Per expert the keep probability (a float: 1.0 for an expert passed through whole, DARE's density)
+        or, for DELLA, an fp32 tensor of per-element probabilities for this chunk."""
+        sp = self.sp
+        if not self.della:
+            return [1.0 if dense else d for dense, d in zip(sp.dense, sp.density)]
+        if self._probs_cache is not None and self._probs_cache[0] == chunk.row_start:
+            return self._probs_cache[1]
+        b = base.to(torch.float32)
+        probs: list = []
+        for e, x in enumerate(experts):
+            if sp.dense[e]:
+                probs.append(1.0)
+            elif sp.density[e] <= 0:
+                probs.append(0.0)
+            else:
+                tau = x.to(torch.float32) - b
+                probs.append(della_probabilities(tau, sp.density[e], sp.eps[e], sp.rank_dim).contiguous())
+        self._probs_cache = (chunk.row_start, probs)
+        return probs
+
+    def reduce(self, p: int, chunk: Chunk) -> None:
+        base, experts = self._inputs(chunk)
+        probs = self._probs(chunk, base, experts)
+        todo = [e for e in range(len(experts)) if not self.sp.dense[e]]
+        norms = self.nc.dare_l1_rows(base, [experts[e] for e in todo], seed=self.job.seed,
+                                     model_ids=[self.ids[e] for e in todo], tensor_name=self.job.name,
+                                     probs=[probs[e] for e in todo], start=chunk.flat_start)
+        for row, e in enumerate(todo):
+            self.sp.l1[e].add_rows(norms[row])
+
+    def end_pass(self, p: int) -> None:
+        self.sp.end_pass(p)
+
+    def map(self, chunk: Chunk) -> torch.Tensor:
+        base, experts = self._inputs(chunk)
+        probs = self._probs(chunk, base, experts)
+        self._probs_cache = None  # the last pass over this chunk
+        return self.nc.dare_map(base, experts, self.weights, seed=self.job.seed, model_ids=self.ids,
+                                tensor_name=self.job.name, probs=probs, scales=self.sp.scale,
+                                start=chunk.flat_start, consensus=self.consensus, normalize=self.normalize,
+                                lambda_=self.lam, out_dtype=self.job.out_dtype)

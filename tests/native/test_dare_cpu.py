@@ -1,0 +1,212 @@
+"""pymerge._C DARE/DELLA kernels (via pymerge.ops.native_cpu) against their torch twins, bit for bit.
+
+``dare_map``: the twin is ``pymerge.ops.merge_tensors`` with dare_ties / dare_linear / della / della_linear
+(fp32 result, cast with ``.to(out_dtype)``), given the twin's own L1 scales. ``dare_l1_rows``: the twin is
+``sequential_row_sums`` of |tau| and |tau| * keep_mask. Random data, odd sizes, stream offsets past 2^32,
+every element compared (NaN as NaN: payloads are not reproducible).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pymerge._native import native_module, native_unavailable_reason
+from pymerge.methods.sparsify import RESCALE_EPS, della_probabilities
+from pymerge.ops import merge_tensors
+from pymerge.ops.exact_sum import sequential_row_sums
+from pymerge.ops.philox import keep_mask
+
+_C = native_module()
+pytestmark = pytest.mark.skipif(_C is None, reason=f"pymerge._C is not built: {native_unavailable_reason()}")
+
+METHODS = {"dare_ties": "sum", "dare_linear": None, "della": "sum", "della_linear": None}
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _nc():
+    from pymerge.ops import native_cpu
+
+    return native_cpu
+
+
+def assert_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN positions differ"
+    g, w = got[~nan].view(_INT_VIEW[got.dtype]), want[~nan].view(_INT_VIEW[want.dtype])
+    bad = (g != w).nonzero()
+    assert bad.numel() == 0, f"{what}: {bad.numel()} of {g.numel()} elements differ, first at {bad[0].item()}"
+
+
+def data(rows, cols, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=g).to(dtype)
+    experts = [(base.float() + torch.randn(rows, cols, generator=g) * 0.05).to(dtype) for _ in range(k)]
+    weights = (torch.rand(k, generator=g, dtype=torch.float64) * 2.0 - 0.6).tolist()
+    return base, experts, weights
+
+
+def masks_and_probs(method, base, experts, densities, eps, seed, name, ids, start=0):
+    """The twin's keep masks (flat) and the kernel's ``probs`` argument for each expert."""
+    n = base.numel()
+    rows, cols = base.shape
+    masks, probs = [], []
+    for x, d, i in zip(experts, densities, ids):
+        if d >= 1:
+            p = 1.0
+        elif method.startswith("della"):
+            p = 0.0 if d <= 0 else della_probabilities(x.float() - base.float(), d, eps, cols).contiguous()
+        else:
+            p = d
+        probs.append(p)
+        masks.append(keep_mask(seed, i, name, start, n, p).reshape(rows, cols))
+    return masks, probs
+
+
+def twin_scales(base, experts, masks, densities):
+    """The twin's L1 rescale: fp64 row sums left to right, combined exactly; skipped below 1e-7."""
+    import math
+
+    out = []
+    for x, m, d in zip(experts, masks, densities):
+        a = (x.float() - base.float()).abs()
+        before = math.fsum(sequential_row_sums(a).tolist())
+        after = math.fsum(sequential_row_sums(a * m).tolist())
+        out.append(before / after if d < 1 and before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0)
+    return out
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("dtype,k,rows,cols,densities", [
+    (torch.float32, 1, 1, 1, [0.5]),
+    (torch.bfloat16, 2, 3, 7, [0.5, 1.0]),
+    (torch.float16, 3, 7, 149, [0.3, 0.8, 0.5]),
+    (torch.bfloat16, 4, 13, 521, [0.5, 0.2, 1.0, 0.6]),
+    (torch.bfloat16, 3, 2, 70001, [0.4, 0.6, 0.85]),  # several parallel blocks of 64K elements
+])
+@pytest.mark.parametrize("rescale,normalize,lambda_", [(True, None, 1.0), (False, True, 0.8), (True, False, 1.3)])
+def test_map_matches_torch_twin(method, dtype, k, rows, cols, densities, rescale, normalize, lambda_):
+    nc = _nc()
+    base, experts, weights = data(rows, cols, k, dtype, seed=rows * 31 + cols + k)
+    seed, name, ids, eps = 99 + cols, "model.layers.0.mlp.weight", [4, 1, 7, 2][:k], 0.1
+    params = {"rescale": rescale, "lambda": lambda_}
+    if normalize is not None:
+        params["normalize"] = normalize
+    mparams = [{"weight": w, "density": d, **({"epsilon": eps} if method.startswith("della") else {})}
+               for w, d in zip(weights, densities)]
+    full = merge_tensors(method, [base, *experts], base_index=0, params=params, model_params=[{}] + mparams,
+                         seed=seed, name=name, model_ids=[0, *ids])
+    masks, probs = masks_and_probs(method, base, experts, densities, eps, seed, name, ids)
+    scales = twin_scales(base, experts, masks, densities) if rescale else [1.0] * k
+    norm = normalize if normalize is not None else method == "della"
+    for out_dtype in (dtype, torch.float32):
+        got = nc.dare_map(base, experts, weights, seed=seed, model_ids=ids, tensor_name=name, probs=probs,
+                          scales=scales, consensus=METHODS[method], normalize=norm, lambda_=lambda_,
+                          out_dtype=out_dtype)
+        assert_bits(got, full.to(out_dtype), f"{method} {dtype}->{out_dtype}")
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_l1_rows_match_sequential_twin(method):
+    nc = _nc()
+    rows, cols, start = 9, 1031, 3 * 2**32 + 5  # a stream offset past 2^32 and not a multiple of 4
+    base, experts, _ = data(rows, cols, 3, torch.bfloat16, seed=7)
+    densities, seed, name, ids = [0.3, 0.7, 0.5], 11, "w", [5, 6, 8]
+    masks, probs = masks_and_probs(method, base, experts, densities, 0.2, seed, name, ids, start=start)
+    got = nc.dare_l1_rows(base, experts, seed=seed, model_ids=ids, tensor_name=name, probs=probs, start=start)
+    assert got.shape == (3, rows, 2) and got.dtype == torch.float64
+    for j, (x, m) in enumerate(zip(experts, masks)):
+        a = (x.float() - base.float()).abs()
+        want = torch.stack([sequential_row_sums(a), sequential_row_sums(a * m)], dim=1)
+        assert torch.equal(got[j], want), f"expert {j}"
+    assert bool((got[:, :, 1] < got[:, :, 0]).all())  # masks dropped something in every row
+
+
+def test_sequential_row_sums_is_left_to_right():
+    # Values spanning 2^-40 .. 2^40: any other summation order rounds differently somewhere.
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(4, 3001, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-40, 40, (4, 3001),
+                                                                                          generator=g))
+    want = []
+    for row in x.tolist():
+        acc = 0.0
+        for v in row:
+            acc += v
+        want.append(acc)
+    assert sequential_row_sums(x).tolist() == want
+    assert sequential_row_sums(torch.empty(2, 0)).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count", None])
+def test_chunks_at_stream_offsets_equal_the_whole(consensus):
+    nc = _nc()
+    base, experts, weights = data(1, 3001, 3, torch.bfloat16, seed=11)
+    base, experts = base.reshape(-1), [x.reshape(-1) for x in experts]
+    kw = dict(seed=5, model_ids=[1, 2, 3], tensor_name="t", probs=[0.3, 0.6, 0.9], scales=[1.5, 1.0, 0.75],
+              consensus=consensus, normalize=consensus == "sum")
+    whole = nc.dare_map(base, experts, weights, **kw)
+    parts = [nc.dare_map(base[a:b].contiguous(), [x[a:b].contiguous() for x in experts], weights, start=a, **kw)
+             for a, b in ((0, 5), (5, 1030), (1030, 3001))]
+    assert torch.equal(torch.cat(parts).view(torch.int16), whole.view(torch.int16))
+
+
+def test_count_consensus_and_nan_match_twin():
+    nc = _nc()
+    base, experts, weights = data(5, 211, 3, torch.float32, seed=4)
+    experts[1][2, 17] = float("nan")
+    experts[2][0, 3] = float("inf")
+    full = merge_tensors("dare_ties", [base, *experts], base_index=0,
+                         params={"rescale": False, "consensus_method": "count"},
+                         model_params=[{}] + [{"weight": w, "density": 0.5} for w in weights], seed=3, name="c",
+                         model_ids=[0, 1, 2, 3])
+    got = nc.dare_map(base, experts, weights, seed=3, model_ids=[1, 2, 3], tensor_name="c", probs=[0.5] * 3,
+                      consensus="count")
+    assert_bits(got, full, "count consensus with NaN/Inf")
+
+
+_SUBPROCESS = """
+import hashlib, torch
+from pymerge.ops import native_cpu as nc
+g = torch.Generator().manual_seed(2)
+base = torch.randn(3, 70001, generator=g).to(torch.bfloat16)
+experts = [(base.float() + torch.randn(3, 70001, generator=g) * 0.05).to(torch.bfloat16) for _ in range(2)]
+kw = dict(seed=1, model_ids=[1, 2], tensor_name="t", probs=[0.4, 0.7])
+out = nc.dare_map(base, experts, [0.7, -0.4], scales=[1.2, 0.9], consensus="sum", **kw)
+l1 = nc.dare_l1_rows(base, experts, **kw)
+print(hashlib.sha256(out.view(torch.int16).numpy().tobytes() + l1.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_thread_count_does_not_change_the_bits(threads):
+    """Blocks (map) and rows (L1 norms) go to the OpenMP threads; the bits must not depend on how many."""
+    import os
+    import subprocess
+    import sys
+
+    def run(env):
+        r = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    assert run(dict(os.environ, OMP_NUM_THREADS=threads)) == run(dict(os.environ, OMP_NUM_THREADS="2"))
+
+
+def test_argument_errors():
+    nc = _nc()
+    a = torch.randn(2, 5)
+    kw = dict(seed=1, model_ids=[1], tensor_name="t", probs=[0.5])
+    with pytest.raises(ValueError, match="consensus"):
+        nc.dare_map(a, [a], [1.0], consensus="max", **kw)
+    with pytest.raises(ValueError, match="start"):
+        nc.dare_map(a, [a], [1.0], start=-1, **kw)
+    with pytest.raises(ValueError, match="probs"):
+        nc.dare_map(a, [a], [1.0], seed=1, model_ids=[1], tensor_name="t", probs=[torch.ones(3)])
+    with pytest.raises(ValueError, match="2 values for 1 experts"):
+        nc.dare_map(a, [a], [1.0, 1.0], **kw)
+    with pytest.raises(ValueError, match="scales"):
+        nc.dare_map(a, [a], [1.0], scales=[float("inf")], **kw)
+    with pytest.raises(ValueError, match="rows, cols"):
+        nc.dare_l1_rows(a.reshape(-1), [a.reshape(-1)], **kw)
