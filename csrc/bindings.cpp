@@ -851,6 +851,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("start"), py::arg("out_ptr"),
       "Per expert and row: (sum |t|, sum |t| * keep) in fp64, left to right (formula in cpu_kernels.h).");
 
+  m.def(
+      "della_probs",
+      [](int64_t base_ptr, int64_t x_ptr, int dtype, int64_t rows, int64_t cols, double low, double span,
+         int64_t out_ptr) {
+        if (rows < 0 || cols < 0) {
+          fail("rows, cols: must be >= 0, got " + std::to_string(rows) + ", " + std::to_string(cols));
+        }
+        if (cols > int64_t(UINT32_MAX)) fail("cols: a row of more than 2^32 - 1 elements cannot be ranked");
+        if (cols > 0 && rows > std::numeric_limits<int64_t>::max() / (4 * cols)) fail("rows * cols: too large");
+        const int64_t n = rows * cols;
+        const DType d = checked_dtype(dtype, "dtype");
+        check_bytes(n, d, "inputs");
+        const uintptr_t base = checked_pointer(base_ptr, n, "base_ptr");
+        const uintptr_t x = checked_pointer(x_ptr, n, "x_ptr");
+        const uintptr_t out = checked_pointer(out_ptr, n, "out_ptr");
+        if (out % alignof(float) != 0) fail("out_ptr: must be 4-byte aligned (a float32 buffer)");
+        const int64_t in_bytes = n * pymerge::dtype_size(d);
+        if (overlaps(base, in_bytes, out, n * 4) || overlaps(x, in_bytes, out, n * 4)) {
+          fail("out_ptr: overlaps an input; the probabilities need their own buffer");
+        }
+        const float lo = static_cast<float>(low), sp = static_cast<float>(span);
+        if (!std::isfinite(lo) || !std::isfinite(sp)) fail("low, span: must be finite in float32");
+        const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
+        py::gil_scoped_release release;
+        pymerge::cpu::della_probs(reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(x), d, rows,
+                                  cols, lo, sp, denom, reinterpret_cast<float*>(out));
+      },
+      py::arg("base_ptr"), py::arg("x_ptr"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("low"),
+      py::arg("span"), py::arg("out_ptr"),
+      "DELLA keep probabilities from per-row stable magnitude ranks of x - base (formula in cpu_kernels.h).");
+
 #if defined(PYMERGE_WITH_CUDA)
   m.def(
       "cuda_device_count",

@@ -7,9 +7,10 @@ their stored dtype (no fp32 copies of the expert stack).
                its ``end_pass`` turns them into the per-expert scales
   map          one fused ``dare_map`` pass: masks drawn again, rescale, weights, sign election, base, narrow
 
-DELLA's keep probabilities depend on each element's rank of |tau| within its row; they are computed with the
-torch sparsifier's own function (``della_probabilities``, a sort per row) and handed to the kernels as fp32
-buffers, so only the ranking runs on torch ops.
+DELLA's keep probabilities depend on each element's rank of |tau| along the tensor's dim 1; for vectors and
+matrices that is a chunk row, ranked by ``della_probs`` (a radix sort per row, 7x torch's sort on 4096-wide
+rows); tensors of more dims use the torch sparsifier's own ``della_probabilities``. Either way they reach the
+kernels as fp32 buffers.
 """
 
 from __future__ import annotations
@@ -26,10 +27,24 @@ from .sparsify import Sparsifier, della_probabilities
 if TYPE_CHECKING:  # pragma: no cover
     from .task_arithmetic import GeneralizedTaskArithmetic
 
-# DELLA's torch temporaries per element and expert while its probabilities are ranked: fp32 task vector and
-# keys (8 B), the sort's values and int64 indices (16 B), int64 ranks and their fp32 ratio (12 B), and the
-# fp32 probabilities kept for the kernels (4 B); rounded up to 48 B.
-DELLA_SCRATCH_PER_EXPERT = 48.0
+# DELLA's working memory per element and expert. With its rows ranked natively (``native_cpu.della_probs``: a
+# matrix ranked along its rows, the tensor's dim 1) only the fp32 probabilities kept for the kernels count
+# (4 B; the per-thread sort buffers hold a few rows). Ranked with torch ops (tensors of 3+ dims, whose dim 1 is
+# not a chunk's row): fp32 task vector and keys (8 B), the sort's values and int64 indices (16 B), int64 ranks
+# and their fp32 ratio (12 B) and the probabilities (4 B), rounded up to 48 B.
+_NATIVE_RANK_SCRATCH = 4.0
+_TORCH_RANK_SCRATCH = 48.0
+
+
+def ranks_natively(job: TensorJob) -> bool:
+    """Whether DELLA's ranks of ``job`` run on the native kernel: its rank dimension is a whole chunk row."""
+    return len(job.shape) <= 2
+
+
+def della_scratch_per_element(job: TensorJob) -> float:
+    """Bytes of DELLA working memory per element of a chunk (all experts), as the executor counts them."""
+    per_expert = _NATIVE_RANK_SCRATCH if ranks_natively(job) else _TORCH_RANK_SCRATCH
+    return per_expert * len(job.expert_indices)
 
 
 def native_dare_unsupported(method: "GeneralizedTaskArithmetic", job: TensorJob) -> str | None:
@@ -65,8 +80,9 @@ class NativeDareMerge(TensorMerge):
         self.della = method.sparsifier == "della_magprune"
         self.reduce_passes = self.sp.passes
         self.ids = [job.model_ids[i] for i in self.experts]
+        self.native_ranks = self.della and ranks_natively(job)
         if self.della:
-            self.raw_scratch_per_element = DELLA_SCRATCH_PER_EXPERT * len(self.experts)
+            self.raw_scratch_per_element = della_scratch_per_element(job)
         self._probs_cache: tuple[int, list] | None = None  # (row_start, probs): a resident tensor ranks once
 
     def _inputs(self, chunk: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -81,15 +97,16 @@ class NativeDareMerge(TensorMerge):
             return [1.0 if dense else d for dense, d in zip(sp.dense, sp.density)]
         if self._probs_cache is not None and self._probs_cache[0] == chunk.row_start:
             return self._probs_cache[1]
-        b = base.to(torch.float32)
         probs: list = []
         for e, x in enumerate(experts):
             if sp.dense[e]:
                 probs.append(1.0)
             elif sp.density[e] <= 0:
                 probs.append(0.0)
+            elif self.native_ranks:
+                probs.append(self.nc.della_probs(base, x, sp.density[e], sp.eps[e]))
             else:
-                tau = x.to(torch.float32) - b
+                tau = x.to(torch.float32) - base.to(torch.float32)
                 probs.append(della_probabilities(tau, sp.density[e], sp.eps[e], sp.rank_dim).contiguous())
         self._probs_cache = (chunk.row_start, probs)
         return probs

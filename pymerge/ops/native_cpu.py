@@ -498,3 +498,20 @@ def dare_l1_rows(base: torch.Tensor, experts: Sequence[torch.Tensor], *, seed: i
                         [int(m) & _MASK32 for m in per_expert(model_ids, k, "model_ids")], name_hash(tensor_name),
                         int(start), out.data_ptr())
     return out
+
+
+def della_probs(base: torch.Tensor, x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's fp32 keep probabilities for a [rows, cols] chunk ranked along each row: fp32(d - eps) + fp32(2 eps)
+    * rank / (cols - 1), rank the stable ascending rank of |x - base| in its row. Bit-identical to
+    ``pymerge.methods.sparsify.della_probabilities(x.float() - base.float(), density, epsilon, cols)``."""
+    native = require_native("the native CPU DELLA ranks")
+    _check_same([x], "x", base)
+    if base.dim() != 2:
+        raise ValueError(f"base: expected a [rows, cols] chunk, got shape {tuple(base.shape)}")
+    rows, cols = base.shape
+    low = float(torch.tensor(density - epsilon, dtype=torch.float32))  # the twin's fp32 constants
+    span = float(torch.tensor(2 * epsilon, dtype=torch.float32))
+    out = torch.empty((rows, cols), dtype=torch.float32)
+    native.della_probs(base.data_ptr(), x.data_ptr(), dtype_code(base.dtype, "base"), rows, cols, low, span,
+                       out.data_ptr())
+    return out

@@ -210,3 +210,62 @@ def test_argument_errors():
         nc.dare_map(a, [a], [1.0], scales=[float("inf")], **kw)
     with pytest.raises(ValueError, match="rows, cols"):
         nc.dare_l1_rows(a.reshape(-1), [a.reshape(-1)], **kw)
+
+
+@pytest.mark.parametrize("dtype,rows,cols", [(torch.float32, 1, 1), (torch.bfloat16, 3, 7), (torch.float16, 5, 4099),
+                                             (torch.bfloat16, 17, 2053), (torch.float32, 2, 70001)])
+def test_della_probs_match_torch_ranks(dtype, rows, cols):
+    """Stable per-row ranks (many exact ties: every fifth element equals the base, and bf16 repeats values)."""
+    nc = _nc()
+    g = torch.Generator().manual_seed(rows * cols)
+    base = torch.randn(rows, cols, generator=g).to(dtype)
+    x = (base.float() + torch.randn(rows, cols, generator=g) * 0.01).to(dtype)
+    x.view(-1)[::5] = base.view(-1)[::5]
+    if rows * cols > 10:
+        x.view(-1)[3] = float("nan")  # NaN ranks above every number, as its key does in the twin
+    for density, eps in ((0.5, 0.15), (0.3, 0.29), (0.9, 0.05)):
+        got = nc.della_probs(base, x, density, eps)
+        want = della_probabilities(x.float() - base.float(), density, eps, cols)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), f"{dtype} d={density} eps={eps}"
+
+
+def test_della_probs_are_a_permutation_of_the_rank_ladder():
+    # Independent of the twin: every row holds each value low + span * r / (cols - 1) exactly once, and larger
+    # magnitudes get larger probabilities.
+    nc = _nc()
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(4, 1001)
+    x = torch.randn(4, 1001, generator=g)
+    p = nc.della_probs(base, x, 0.4, 0.2).double()
+    low, span = float(torch.tensor(0.2, dtype=torch.float32)), float(torch.tensor(0.4, dtype=torch.float32))
+    ladder = torch.tensor([low + span * r / 1000 for r in range(1001)], dtype=torch.float64)
+    for row in range(4):
+        assert torch.allclose(p[row].sort().values, ladder, rtol=0, atol=1e-6)
+        order = x[row].abs().argsort()
+        assert bool((p[row][order].diff() > 0).all())
+
+
+@pytest.mark.parametrize("method", ["della", "dare_ties"])
+def test_whole_merge_with_a_3d_tensor_matches_torch(tmp_path, method):
+    """A 3-D tensor's DELLA ranks run along dim 1, which is not a chunk row: the cpu merge ranks it with torch
+    ops and must still write the torch backend's bytes (a 2-D tensor beside it takes the native ranks)."""
+    import pymerge
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(9)
+    shapes = {"conv.weight": (5, 7, 3), "proj.weight": (11, 13), "norm.weight": (13,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    paths = []
+    for i in range(4):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({k: (v if i == 0 else v + torch.randn(v.shape, generator=g) * 0.1).to(torch.bfloat16)
+                   for k, v in base.items()}, str(d / "model.safetensors"))
+        paths.append(d)
+    extra = {"epsilon": 0.1} if method == "della" else {}
+    cfg = {"merge_method": method, "base_model": str(paths[0]),
+           "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.4, **extra}} for p in paths[1:]]}
+    for backend in ("cpu", "torch"):
+        pymerge.merge(cfg, tmp_path / backend, backend=backend, seed=2, quiet=True)
+    assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == \
+        (tmp_path / "torch" / "model.safetensors").read_bytes()

@@ -17,7 +17,7 @@ import pymerge
 from pymerge.errors import PymergeError
 from pymerge.executor import FP32, bytes_per_row
 from pymerge.methods import get_method, method_names
-from pymerge.methods.dare_native import DELLA_SCRATCH_PER_EXPERT
+from pymerge.methods.dare_native import della_scratch_per_element
 from pymerge.ops import threads as threads_module
 from pymerge.ops.backend import resolve_backend
 from pymerge.plan import build_plan
@@ -68,9 +68,8 @@ def _tiny_budget(cfg_path, backend: str) -> int:
         # against the budget; the budget must still hold one row of every tensor for the fp32 path.
         # (DELLA also counts the torch temporaries of its ranking per element.)
         della = plan.method.spec.name.startswith("della")
-        out_rows = max(int(pt.job.row_numel * (FP32 * 2 + (DELLA_SCRATCH_PER_EXPERT * len(pt.job.expert_indices)
-                                                          if della else 0))) * -(-pt.job.rows // CHUNKS)
-                       for pt in plan.tensors)
+        out_rows = max(int(pt.job.row_numel * (FP32 * 2 + (della_scratch_per_element(pt.job) if della else 0)))
+                       * -(-pt.job.rows // CHUNKS) for pt in plan.tensors)
         return max(out_rows, max(per_row.values()))
     finally:
         plan.close()

@@ -105,6 +105,15 @@ void dare_l1_rows(const void* base, const void* const* experts, int64_t k, DType
                   int64_t cols, int64_t start, uint64_t seed, const uint32_t* model_ids, uint32_t name_hash,
                   const float* limits, const float* const* probs, double* out);
 
+// DELLA's keep probabilities for a [rows, cols] chunk, ranking each row (the tensor's dim 1):
+//   key[r][c] = magnitude_key(widen(x[r][c]) - widen(base[r][c]))  (fp32 difference)
+//   rank[r][c] = position of c in the row sorted ascending by key, equal keys by index (a stable argsort)
+//   out[r][c] = low + span * (float(rank) / denom)                 (fp32, each operation rounded)
+// with low = fp32(density - epsilon), span = fp32(2 * epsilon), denom = fp32(max(cols - 1, 1)).
+// Pre: rows, cols >= 0; cols < 2^32; pointers non-null when rows * cols > 0; out holds rows * cols floats.
+void della_probs(const void* base, const void* x, DType dtype, int64_t rows, int64_t cols, float low, float span,
+                 float denom, float* out);
+
 // ---- NaN/Inf policy ----
 
 // counts[j] = number of i < n whose stored element xs[j][i] is Inf or NaN (exponent field all ones).
