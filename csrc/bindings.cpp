@@ -775,17 +775,26 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int in_dtype, int64_t n,
          const std::vector<double>& weights, const std::vector<int64_t>& thresh_keys,
          const std::vector<int64_t>& tie_cutoffs, double lambda, bool normalize, int64_t out_ptr,
-         int out_dtype, bool consensus) {
+         int out_dtype, bool consensus, const std::vector<int64_t>& inner_keys,
+         const std::vector<int64_t>& inner_cutoffs) {
         const TiesMapArgs a = check_ties_map(base_ptr, expert_ptrs, in_dtype, n, weights, thresh_keys,
                                              tie_cutoffs, lambda, out_ptr, out_dtype);
+        std::vector<int32_t> inner;  // empty: no band
+        if (!inner_keys.empty() || !inner_cutoffs.empty()) {
+          check_per_expert(a.experts.size(), inner_keys.size(), "inner_keys");
+          check_per_expert(a.experts.size(), inner_cutoffs.size(), "inner_cutoffs");
+          inner = checked_thresh_keys(inner_keys);
+        }
         py::gil_scoped_release release;
         pymerge::cpu::ties_map(a.base, a.experts.data(), int64_t(a.experts.size()), a.in_dtype, n,
                                a.weights.data(), a.thresh_keys.data(), tie_cutoffs.data(), a.lambda, normalize,
-                               consensus, a.out, a.out_dtype);
+                               consensus, a.out, a.out_dtype, inner.empty() ? nullptr : inner.data(),
+                               inner.empty() ? nullptr : inner_cutoffs.data());
       },
       py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("weights"),
       py::arg("thresh_keys"), py::arg("tie_cutoffs"), py::arg("lambda_"), py::arg("normalize"),
       py::arg("out_ptr"), py::arg("out_dtype"), py::arg("consensus") = true,
+      py::arg("inner_keys") = std::vector<int64_t>{}, py::arg("inner_cutoffs") = std::vector<int64_t>{},
       "TIES trim/elect/disjoint-mean map (formula in cpu_kernels.h): keeps key > T, and key == T at flat "
       "index <= the expert's tie cutoff.");
 

@@ -30,6 +30,8 @@ struct TiesArgs {
   bool apply_lambda;
   float divisor;  // without consensus: w_0 + w_1 + ... (|.| < 1e-8 -> 1), the same for every element
   void* out;
+  const int32_t* inner_thresh;  // breadcrumbs: the top set each expert drops (null: none)
+  const int64_t* inner_cutoffs;
 };
 
 // d[i] = (tau * keep) * w for one expert over one tile, with keep = key > compare; then the ties at flat
@@ -65,6 +67,27 @@ void trim_weight(const typename DTypeTraits<S>::storage* __restrict x, const flo
   }
 }
 
+// Kept by a threshold: key > T, or key == T at flat index <= cutoff (T = -1 matches no key: keys < 2^31).
+inline bool kept(uint32_t key, int32_t thresh, int64_t index, int64_t cutoff) {
+  return radix::above(key, thresh) || (key == uint32_t(thresh) && index <= cutoff);
+}
+
+// As trim_weight for breadcrumbs' band: keep the elements kept by the outer threshold and not by the inner one
+// (the top k_outer minus the top k_inner), each with its own tie cutoff.
+template <DType S, bool kFirst>
+void band_weight(const typename DTypeTraits<S>::storage* __restrict x, const float* __restrict b,
+                 float* __restrict d, float* __restrict sum, int64_t m, int64_t first, int32_t outer,
+                 int64_t outer_cut, int32_t inner, int64_t inner_cut, float w) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float tau = DTypeTraits<S>::widen(x[i]) - b[i];
+    const uint32_t key = radix::magnitude_key(tau);
+    const bool keep = kept(key, outer, first + i, outer_cut) && !kept(key, inner, first + i, inner_cut);
+    const float v = (tau * (keep ? 1.0f : 0.0f)) * w;
+    d[i] = v;
+    sum[i] = kFirst ? v : sum[i] + v;
+  }
+}
+
 // scratch: (k + 4) * kTile floats.
 template <DType S, DType D, bool kNormalize, bool kConsensus>
 void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
@@ -83,7 +106,15 @@ void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
     for (int64_t j = 0; j < a.k; ++j) {
       const SrcT* x = static_cast<const SrcT*>(a.experts[j]) + t;
       float* d = deltas + j * kTile;
-      if (j == 0) {
+      if (a.inner_thresh != nullptr) {
+        if (j == 0) {
+          band_weight<S, true>(x, b, d, sum, m, t, a.thresh[j], a.cutoffs[j], a.inner_thresh[j], a.inner_cutoffs[j],
+                               a.weights[j]);
+        } else {
+          band_weight<S, false>(x, b, d, sum, m, t, a.thresh[j], a.cutoffs[j], a.inner_thresh[j],
+                                a.inner_cutoffs[j], a.weights[j]);
+        }
+      } else if (j == 0) {
         trim_weight<S, true>(x, b, d, sum, m, t, a.thresh[j], a.cutoffs[j], a.weights[j]);
       } else {
         trim_weight<S, false>(x, b, d, sum, m, t, a.thresh[j], a.cutoffs[j], a.weights[j]);
@@ -99,12 +130,14 @@ void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
 
 void ties_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
               const float* weights, const int32_t* thresh_keys, const int64_t* cutoffs, float lambda,
-              bool normalize, bool consensus, void* out, DType out_dtype) {
+              bool normalize, bool consensus, void* out, DType out_dtype, const int32_t* inner_keys,
+              const int64_t* inner_cutoffs) {
   if (n <= 0 || k <= 0) return;
   float divisor = weights[0];
   for (int64_t j = 1; j < k; ++j) divisor = divisor + weights[j];
   if (std::fabs(divisor) < 1e-8f) divisor = 1.0f;  // the torch twin's rule for a vanishing weight sum
-  const TiesArgs args{base, experts, k, weights, thresh_keys, cutoffs, lambda, lambda != 1.0f, divisor, out};
+  const TiesArgs args{base,    experts, k,      weights,    thresh_keys,  cutoffs,
+                      lambda,  lambda != 1.0f, divisor, out, inner_keys, inner_cutoffs};
   dispatch_dtype(in_dtype, [&](auto s) {
     dispatch_dtype(out_dtype, [&](auto d) {
       constexpr DType S = decltype(s)::value;

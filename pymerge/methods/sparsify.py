@@ -62,13 +62,7 @@ class Sparsifier:
         elif kind == "magnitude_outliers":
             ks, src = [], []
             for e, (d, p) in enumerate(zip(self.density, mp)):
-                gamma = float(p.get("gamma", 0.01))
-                target = int(d * n)
-                n_top = int(gamma * n)
-                n_bot = max(0, n - target - n_top)
-                k_outer = n if self.dense[e] else n - n_bot  # keep the top k_outer ...
-                k_inner = 0 if self.dense[e] else max(0, k_outer - target)  # ... except the top k_inner
-                ks += [k_outer, k_inner]
+                ks += breadcrumb_ks(d, float(p.get("gamma", 0.01)), n)
                 src += [e, e]
             self.selector = TopKSelector(ks, n, src=src)
             self._pairs = [(2 * e, 2 * e + 1) for e in range(len(experts))]
@@ -176,6 +170,18 @@ class Sparsifier:
             if s != 1.0:
                 tau[e].mul_(s)
         return tau
+
+
+def breadcrumb_ks(density: float, gamma: float, n: int) -> list[int]:
+    """[k_outer, k_inner] of ``magnitude_outliers`` over n elements: keep the top k_outer |tau| except the top
+    k_inner (drop the int(gamma*n) largest and the n - int(d*n) - int(gamma*n) smallest); all for d >= 1."""
+    if density >= 1:
+        return [n, 0]
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    k_outer = n - n_bot
+    return [k_outer, max(0, k_outer - target)]
 
 
 def della_probabilities(tau_rows: torch.Tensor, density: float, eps: float, rank_dim: int) -> torch.Tensor:

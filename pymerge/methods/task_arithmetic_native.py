@@ -5,6 +5,8 @@ Covered (everything else runs on the torch merge, or is an error when the cpu ba
   task_arithmetic   no trim, no election                     -> one ties_map pass with consensus off
   ties              per-tensor magnitude trim, weighted-sum election, rescale off
                     -> two radix-histogram reduce passes (exact thresholds), then one fused ties_map pass
+  breadcrumbs(_ties) the same with two thresholds per expert (keep the top k_outer minus the top k_inner),
+                    both selections sharing the expert's hi histogram; rescale off, election by sum
 The thresholds and tie counts equal the torch ``TopKSelector``'s; ties at a threshold are kept by lowest flat
 index through ``tie_cutoffs``, carried from chunk to chunk in row order, so any chunking gives the same bits.
 """
@@ -18,6 +20,7 @@ import torch
 from ..errors import ConfigError
 from .base import Chunk, TensorJob, TensorMerge
 from .native_dispatch import native_dtypes_unsupported
+from .sparsify import breadcrumb_ks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .task_arithmetic import GeneralizedTaskArithmetic
@@ -26,15 +29,15 @@ def native_gta_unsupported(method: "GeneralizedTaskArithmetic", job: TensorJob) 
     """Why the native CPU kernels cannot merge ``job`` with ``method`` (None when they can)."""
     p = job.params
     name = method.spec.name
-    if name not in ("task_arithmetic", "ties"):
+    if name not in ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"):
         return f"merge method '{name}' has no native CPU kernel yet"
-    if name == "ties":
-        if p.get("trim_scope", "tensor") != "tensor":
-            return "ties with trim_scope: global has no native CPU kernel yet"
+    if name == "ties" and p.get("trim_scope", "tensor") != "tensor":
+        return "ties with trim_scope: global has no native CPU kernel yet"
+    if name != "task_arithmetic":
         if p.get("rescale"):
-            return "ties with rescale: true has no native CPU kernel yet"
+            return f"{name} with rescale: true has no native CPU kernel yet"
         if p.get("consensus_method", "sum") != "sum":
-            return "ties with consensus_method: count has no native CPU kernel yet"
+            return f"{name} with consensus_method: count has no native CPU kernel yet"
     if job.base_index is None or not job.expert_indices:
         return "the native kernels need a base model and at least one other model"
     return native_dtypes_unsupported(job)
@@ -58,20 +61,24 @@ class NativeGTAMerge(TensorMerge):
         self.lam = float(p["lambda"])
         self.consensus = method.consensus
         n = job.numel
-        if method.sparsifier == "magnitude":
-            ks = []
-            for i in self.experts:
-                d = float(job.model_params[i].get("density", 1.0))
-                if d < 0:
-                    raise ConfigError(f"{job.name}: model '{job.inputs[i]}': density must be >= 0, got {d}")
-                ks.append(native_cpu.topk_count(d, n))
-        else:
-            ks = [n] * len(self.experts)  # keep everything
-        self.select = native_cpu.MagnitudeTopK(ks, n)
+        ks, src = [], []
+        self.band = method.sparsifier == "magnitude_outliers"  # breadcrumbs: selections (outer, inner) per expert
+        for e, i in enumerate(self.experts):
+            mp = job.model_params[i]
+            d = float(mp.get("density", 1.0))
+            if d < 0:
+                raise ConfigError(f"{job.name}: model '{job.inputs[i]}': density must be >= 0, got {d}")
+            if self.band:
+                ks += breadcrumb_ks(d, float(mp.get("gamma", 0.01)), n)
+                src += [e, e]
+            else:
+                ks.append(native_cpu.topk_count(d, n) if method.sparsifier == "magnitude" else n)
+                src.append(e)
+        self.select = native_cpu.MagnitudeTopK(ks, n, src)
         self.reduce_passes = self.select.passes
         # The hi histogram pass reads the base and every expert it selects for; when that is every expert, an
         # Inf/NaN in any input shows as a task-vector key in the top bins (a NaN base makes every key NaN).
-        self.finds_nonfinite = self.reduce_passes > 0 and len(self.select.todo) == len(self.experts)
+        self.finds_nonfinite = self.reduce_passes > 0 and len(self.select.hi_experts) == len(self.experts)
         self.thresholds = self.select.result if not self.reduce_passes else None
         self.budgets: list[int] = []
 
@@ -99,8 +106,12 @@ class NativeGTAMerge(TensorMerge):
             self.budgets = [self.nc.tie_budget(th) for th in ths]
         n = chunk.numel
         if any(b > 0 for b in self.budgets):
-            cutoffs, self.budgets = self.nc.tie_cutoffs(base, experts, keys, self.budgets)
+            cutoffs, self.budgets = self.nc.tie_cutoffs(base, [experts[e] for e in self.select.src], keys,
+                                                        self.budgets)
         else:  # -1 keeps every tie (cutoff past the end), 0 keeps none
             cutoffs = [n if b < 0 else -1 for b in self.budgets]
-        return self.nc.ties_map(base, experts, self.weights, keys, cutoffs, lambda_=self.lam,
-                                normalize=self.normalize, consensus=self.consensus, out_dtype=self.job.out_dtype)
+        kw = dict(lambda_=self.lam, normalize=self.normalize, consensus=self.consensus, out_dtype=self.job.out_dtype)
+        if self.band:
+            return self.nc.ties_map(base, experts, self.weights, keys[0::2], cutoffs[0::2], inner_keys=keys[1::2],
+                                    inner_cutoffs=cutoffs[1::2], **kw)
+        return self.nc.ties_map(base, experts, self.weights, keys, cutoffs, **kw)

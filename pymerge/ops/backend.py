@@ -13,7 +13,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # back to torch under 'auto' and is an error when the backend was named; methods/native_dispatch.py).
 # On cpu, dare_* and della* run fused native passes; DELLA ranks its magnitudes with torch ops.
 NATIVE_METHODS: dict[str, frozenset[str]] = {
-    "cpu": frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),
+    "cpu": frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
+                      "breadcrumbs", "breadcrumbs_ties"}),
     "cuda": frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),
     "triton": frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}),
 }

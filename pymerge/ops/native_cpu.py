@@ -266,13 +266,16 @@ class MagnitudeTopK:
     pass needs no flat-order tie cutoff for it. ``passes`` is 0 when every k is trivial (0 or n).
     """
 
-    def __init__(self, ks: Sequence[int], n: int):
+    def __init__(self, ks: Sequence[int], n: int, src: Optional[Sequence[int]] = None):
         from .select import Threshold
 
         self.ks, self.n = [int(k) for k in ks], int(n)
+        # selection j reads expert src[j] (breadcrumbs: two selections per expert share its hi histogram)
+        self.src = list(range(len(self.ks))) if src is None else [int(e) for e in src]
         self.result: list = [Threshold(key=2**31 - 1, ties=0) if k <= 0 else Threshold(key=-1, ties=0)
                              for k in self.ks]
         self.todo = [j for j, k in enumerate(self.ks) if 0 < k < n]
+        self.hi_experts = sorted({self.src[j] for j in self.todo})  # one hi histogram row per expert read
         self.passes = 2 if self.todo else 0
         self.hist = _HIST_POOL.take(len(self.todo)) if self.todo else None
         self.hi: list[tuple[int, int]] = []
@@ -280,20 +283,23 @@ class MagnitudeTopK:
 
     def add_hi(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
         if self.todo:
-            radix_hist_hi([experts[j] for j in self.todo], base=base, hist=self.hist)
+            radix_hist_hi([experts[e] for e in self.hi_experts], base=base,
+                          hist=self.hist[:len(self.hi_experts)])
 
     def end_hi(self) -> None:
         from .select import _walk_down
 
         if self.todo:
-            self.hi = [_walk_down(self.hist[r], self.ks[j]) for r, j in enumerate(self.todo)]
+            row = {e: r for r, e in enumerate(self.hi_experts)}
+            self.hi = [_walk_down(self.hist[row[self.src[j]]], self.ks[j]) for j in self.todo]
             # keys >= 0x7F800000 are |x - base| = Inf or NaN: a non-finite expert or base element
-            self.nonfinite = int(self.hist[:, NONFINITE_HI_BIN:].sum())
+            self.nonfinite = int(self.hist[:len(self.hi_experts), NONFINITE_HI_BIN:].sum())
             self.hist.zero_()
 
     def add_lo(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
         if self.todo:
-            radix_hist_lo([experts[j] for j in self.todo], [b for b, _ in self.hi], base=base, hist=self.hist)
+            radix_hist_lo([experts[self.src[j]] for j in self.todo], [b for b, _ in self.hi], base=base,
+                          hist=self.hist)
 
     def end_lo(self) -> list:
         from .select import Threshold, _walk_down
@@ -356,7 +362,8 @@ def tie_cutoffs(base: torch.Tensor, experts: Sequence[torch.Tensor], thresh_keys
 def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float],
              thresh_keys: Sequence[int], tie_cutoffs: Sequence[int], *, lambda_: float = 1.0,
              normalize: bool = True, consensus: bool = True, out_dtype: Optional[torch.dtype] = None,
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+             out: Optional[torch.Tensor] = None, inner_keys: Optional[Sequence[int]] = None,
+             inner_cutoffs: Optional[Sequence[int]] = None) -> torch.Tensor:
     """out = out_dtype(base + lambda * [normalized] disjoint mean of the sign-agreeing trimmed, weighted task
     vectors), in one fused pass.
 
@@ -368,7 +375,9 @@ def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
     thresholds (``tie_cutoffs`` turns its tie counts into cutoffs). ``out_dtype`` defaults to base's dtype.
     With ``consensus=False`` there is no election: mixed = sum_j d_j and divisor = sum_j w_j (|.| < 1e-8 -> 1),
     the generalized task arithmetic of ``task_arithmetic`` (no trim) and of a magnitude-trimmed sum.
-    ``out``, when given, is written into (contiguous, base's shape, ``out_dtype``).
+    ``out``, when given, is written into (contiguous, base's shape, ``out_dtype``). ``inner_keys`` and
+    ``inner_cutoffs`` (breadcrumbs) also drop what a second threshold keeps: keep_j = kept by (T_j, cutoff_j)
+    and not kept by (inner_keys[j], inner_cutoffs[j]), the top k_outer minus the top k_inner.
     """
     native = require_native("the native CPU TIES map")
     _check_same(experts, "experts", base)
@@ -387,7 +396,8 @@ def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
             raise ValueError(f"out: expected {base.numel()} elements of {out_dtype}, got {out.numel()} of {out.dtype}")
     native.ties_map(base.data_ptr(), [x.data_ptr() for x in experts], in_code, base.numel(),
                     [float(w) for w in weights], [int(t) for t in thresh_keys], [int(c) for c in tie_cutoffs],
-                    float(lambda_), bool(normalize), out.data_ptr(), out_code, bool(consensus))
+                    float(lambda_), bool(normalize), out.data_ptr(), out_code, bool(consensus),
+                    [int(t) for t in inner_keys or ()], [int(c) for c in inner_cutoffs or ()])
     return out
 
 

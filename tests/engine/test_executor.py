@@ -80,7 +80,7 @@ def test_output_bytes_do_not_depend_on_the_memory_budget(tmp_path, method, backe
     # torch: 64 KiB forces every matrix through many row chunks (one row of 4 inputs x 97 fp32 is ~8 KiB of
     # work); the native kernels read the memory maps in place, so only the output rows count: 1 KiB (DELLA
     # also counts the torch temporaries of its ranking, ~14 KiB a row: it keeps 64 KiB).
-    native_raw = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+    native_raw = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
     budget = 1024 if backend == "cpu" and method in native_raw else 64 * 1024
     small = pymerge.merge(cfg, tmp_path / "small", quiet=True, seed=3, max_memory=budget, backend=backend)
     assert whole.chunked_tensors == 0 and small.chunked_tensors >= 2

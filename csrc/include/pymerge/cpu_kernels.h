@@ -72,9 +72,12 @@ void tie_cutoffs(const void* base, const void* const* experts, int64_t k, DType 
 // valid: < 0 keeps no tie, >= n - 1 keeps all. Pre: k >= 1; n >= 0; pointers non-null when n > 0;
 // -1 <= thresh_keys[j] <= 2^31 - 1; weights and lambda finite; out overlaps no input except by being
 // exactly base or an expert with in_dtype == out_dtype.
+// Breadcrumbs' band (inner_keys != null): keep_j additionally requires NOT (key_j > I_j, or key_j == I_j and
+// i <= inner_cutoffs[j]) with I_j = inner_keys[j]: the top k_outer minus the top k_inner.
 void ties_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
               const float* weights, const int32_t* thresh_keys, const int64_t* cutoffs, float lambda,
-              bool normalize, bool consensus, void* out, DType out_dtype);
+              bool normalize, bool consensus, void* out, DType out_dtype, const int32_t* inner_keys = nullptr,
+              const int64_t* inner_cutoffs = nullptr);
 
 // ---- DARE / DELLA (random and magnitude-ranked random sparsifiers) ----
 
