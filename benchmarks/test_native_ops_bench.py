@@ -51,7 +51,8 @@ def test_memcpy(benchmark, bf16):
 
 
 @pytest.mark.parametrize("op", ["count_nonfinite", "radix_hist_hi", "radix_hist_lo", "tie_cutoffs", "ties_map",
-                                "ties_map_no_consensus", "weighted_sum", "philox_keep_mask"])
+                                "ties_map_no_consensus", "ties_map_band", "weighted_sum", "philox_keep_mask",
+                                "dare_l1_rows", "dare_map", "della_probs"])
 def test_native_op(benchmark, bf16, op):
     from pymerge.ops import native_cpu as nc
 
@@ -67,6 +68,9 @@ def test_native_op(benchmark, bf16, op):
     budgets = [nc.tie_budget(th) for th in ths]
     cutoffs, _ = nc.tie_cutoffs(base, experts, keys, budgets)
     weights = [1.0] * len(experts)
+    rows = int(n ** 0.5)
+    base2, experts2 = base.reshape(rows, -1), [x.reshape(rows, -1) for x in experts]
+    dare = dict(seed=0, model_ids=[1, 2, 3], tensor_name="bench", probs=[DENSITY] * 3)
     fns = {
         "count_nonfinite": lambda: nc.count_nonfinite([base, *experts]),
         "radix_hist_hi": lambda: nc.radix_hist_hi(experts, base=base),
@@ -78,5 +82,12 @@ def test_native_op(benchmark, bf16, op):
         "weighted_sum": lambda: nc.weighted_sum([base, *experts], [0.25] * 4),
         # one keep mask per expert, as dare_ties draws them (reads nothing: compare its time, not its GB/s)
         "philox_keep_mask": lambda: [nc.philox_keep_mask(0, j, "bench", 0, n, DENSITY) for j in range(3)],
+        # breadcrumbs' band: the same thresholds as outer and inner (every tie cutoff placed), to time the band
+        "ties_map_band": lambda: nc.ties_map(base, experts, weights, keys, cutoffs, inner_keys=keys,
+                                             inner_cutoffs=cutoffs, normalize=False),
+        # DARE rescale pass (masks drawn inside) and the fused DARE map; DELLA's ranks of one expert
+        "dare_l1_rows": lambda: nc.dare_l1_rows(base2, experts2, **dare),
+        "dare_map": lambda: nc.dare_map(base, experts, weights, scales=[1.5] * 3, **dare),
+        "della_probs": lambda: nc.della_probs(base2, experts2[0], DENSITY, 0.1),
     }
     _run(benchmark, f"native:{op}", fns[op], _bytes(base, experts))
