@@ -35,7 +35,7 @@ def environment_report() -> dict[str, Any]:
     backends = {
         "torch": "available (every method; the reference backend)",
         "cpu": (f"native extension loaded; the default for {', '.join(sorted(NATIVE_METHODS['cpu']))} "
-                "(dare/della: native masks only; see the README's method table)")
+                "(some parameter settings run on torch; see the README's method table)")
                if native["native"] else f"unavailable: {native['reason']}",
         "cuda": ("unavailable: the extension was built without CUDA kernels" if not native.get("cuda_compiled")
                  else "unavailable: no CUDA GPU visible to torch" if not cuda_gpu
