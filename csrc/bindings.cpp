@@ -57,6 +57,15 @@ void check_bytes(int64_t n, DType d, const char* what) {
   }
 }
 
+// rows * cols of a [rows, cols] chunk, after checking both are >= 0 and the fp32 bytes of the product fit.
+int64_t checked_matrix(int64_t rows, int64_t cols) {
+  if (rows < 0 || cols < 0) {
+    fail("rows, cols: must be >= 0, got " + std::to_string(rows) + ", " + std::to_string(cols));
+  }
+  if (cols > 0 && rows > std::numeric_limits<int64_t>::max() / (8 * cols)) fail("rows * cols: too large");
+  return rows * cols;
+}
+
 struct CastArgs {
   const void* src;
   DType src_dtype;
@@ -826,11 +835,7 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int dtype, int64_t rows, int64_t cols,
          const std::vector<double>& probs, const std::vector<int64_t>& prob_ptrs, uint64_t seed,
          const std::vector<int64_t>& model_ids, int64_t name_hash, int64_t start, int64_t out_ptr) {
-        if (rows < 0 || cols < 0) {
-          fail("rows, cols: must be >= 0, got " + std::to_string(rows) + ", " + std::to_string(cols));
-        }
-        if (cols > 0 && rows > std::numeric_limits<int64_t>::max() / cols) fail("rows * cols: too large");
-        const int64_t n = rows * cols;
+        const int64_t n = checked_matrix(rows, cols);
         const size_t k = expert_ptrs.size();
         // The map's checks with no output: weights and scales do not enter the norms.
         const DareMapArgs a = check_dare_map(base_ptr, expert_ptrs, dtype, n, std::vector<double>(k, 1.0),
@@ -864,12 +869,8 @@ PYBIND11_MODULE(_C, m) {
       "della_probs",
       [](int64_t base_ptr, int64_t x_ptr, int dtype, int64_t rows, int64_t cols, double low, double span,
          int64_t out_ptr) {
-        if (rows < 0 || cols < 0) {
-          fail("rows, cols: must be >= 0, got " + std::to_string(rows) + ", " + std::to_string(cols));
-        }
         if (cols > int64_t(UINT32_MAX)) fail("cols: a row of more than 2^32 - 1 elements cannot be ranked");
-        if (cols > 0 && rows > std::numeric_limits<int64_t>::max() / (4 * cols)) fail("rows * cols: too large");
-        const int64_t n = rows * cols;
+        const int64_t n = checked_matrix(rows, cols);
         const DType d = checked_dtype(dtype, "dtype");
         check_bytes(n, d, "inputs");
         const uintptr_t base = checked_pointer(base_ptr, n, "base_ptr");

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
-from .base import Chunk, TensorJob, TensorMerge
-from .native_dispatch import native_dtypes_unsupported
+from .base import Chunk, TensorJob
+from .native_dispatch import NativeTaskVectorMerge, native_dtypes_unsupported
 from .sparsify import Sparsifier, della_probabilities
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,22 +56,12 @@ def native_dare_unsupported(method: "GeneralizedTaskArithmetic", job: TensorJob)
     return native_dtypes_unsupported(job)
 
 
-class NativeDareMerge(TensorMerge):
+class NativeDareMerge(NativeTaskVectorMerge):
     """dare_* / della* of one tensor on the native CPU kernels (module docstring)."""
 
-    raw_inputs = True
-
     def __init__(self, method: "GeneralizedTaskArithmetic", job: TensorJob):
-        from ..ops import native_cpu
-
-        self.nc = native_cpu
-        self.job = job
-        self.experts = job.expert_indices
-        self.base = job.base_index
+        super().__init__(job)
         p = job.params
-        self.weights = [float(job.model_params[i]["weight"]) for i in self.experts]
-        self.normalize = bool(p["normalize"])
-        self.lam = float(p["lambda"])
         self.consensus = p.get("consensus_method", "sum") if method.consensus else None
         if self.consensus not in (None, "sum", "count"):
             raise ConfigError(f"{job.name}: consensus_method must be 'sum' or 'count', got {self.consensus!r}")
@@ -84,10 +74,6 @@ class NativeDareMerge(TensorMerge):
         if self.della:
             self.raw_scratch_per_element = della_scratch_per_element(job)
         self._probs_cache: tuple[int, list] | None = None  # (row_start, probs): a resident tensor ranks once
-
-    def _inputs(self, chunk: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        raw = chunk.raw
-        return raw[self.base], [raw[i] for i in self.experts]  # type: ignore[index]
 
     def _probs(self, chunk: Chunk, base: torch.Tensor, experts: list[torch.Tensor]) -> list:
         """Per expert the keep probability (a float: 1.0 for an expert passed through whole, DARE's density)

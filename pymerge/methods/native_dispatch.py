@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from ..errors import BackendUnavailable
-from .base import TensorJob, TensorMerge
+from .base import Chunk, TensorJob, TensorMerge
 
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,3 +36,26 @@ def native_or_torch(job: TensorJob, unsupported: str | None, native: Callable[[]
                                  "use --backend torch (or auto)")
     log.debug("tensor %s: torch backend (%s)", job.name, unsupported)
     return torch_merge()
+
+
+class NativeTaskVectorMerge(TensorMerge):
+    """What the native task-vector merges share (task_arithmetic_native.py, dare_native.py): raw inputs, the
+    base and experts of the job, their weights, ``normalize`` and ``lambda``."""
+
+    raw_inputs = True
+
+    def __init__(self, job: TensorJob):
+        from ..ops import native_cpu
+
+        self.nc = native_cpu
+        self.job = job
+        self.experts = job.expert_indices
+        self.base = job.base_index
+        self.weights = [float(job.model_params[i]["weight"]) for i in self.experts]
+        self.normalize = bool(job.params["normalize"])
+        self.lam = float(job.params["lambda"])
+
+    def _inputs(self, chunk: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(base rows, expert rows) of a chunk, in their stored dtype."""
+        raw = chunk.raw
+        return raw[self.base], [raw[i] for i in self.experts]  # type: ignore[index]

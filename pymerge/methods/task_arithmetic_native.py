@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
-from .base import Chunk, TensorJob, TensorMerge
-from .native_dispatch import native_dtypes_unsupported
+from .base import Chunk, TensorJob
+from .native_dispatch import NativeTaskVectorMerge, native_dtypes_unsupported
 from .sparsify import breadcrumb_ks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,22 +43,11 @@ def native_gta_unsupported(method: "GeneralizedTaskArithmetic", job: TensorJob) 
     return native_dtypes_unsupported(job)
 
 
-class NativeGTAMerge(TensorMerge):
+class NativeGTAMerge(NativeTaskVectorMerge):
     """task_arithmetic / ties of one tensor on the native CPU kernels (module docstring)."""
 
-    raw_inputs = True
-
     def __init__(self, method: "GeneralizedTaskArithmetic", job: TensorJob):
-        from ..ops import native_cpu
-
-        self.nc = native_cpu
-        self.job = job
-        self.experts = job.expert_indices
-        self.base = job.base_index
-        self.weights = [float(job.model_params[i]["weight"]) for i in self.experts]
-        p = job.params
-        self.normalize = bool(p["normalize"])
-        self.lam = float(p["lambda"])
+        super().__init__(job)
         self.consensus = method.consensus
         n = job.numel
         ks, src = [], []
@@ -72,19 +61,15 @@ class NativeGTAMerge(TensorMerge):
                 ks += breadcrumb_ks(d, float(mp.get("gamma", 0.01)), n)
                 src += [e, e]
             else:
-                ks.append(native_cpu.topk_count(d, n) if method.sparsifier == "magnitude" else n)
+                ks.append(self.nc.topk_count(d, n) if method.sparsifier == "magnitude" else n)
                 src.append(e)
-        self.select = native_cpu.MagnitudeTopK(ks, n, src)
+        self.select = self.nc.MagnitudeTopK(ks, n, src)
         self.reduce_passes = self.select.passes
         # The hi histogram pass reads the base and every expert it selects for; when that is every expert, an
         # Inf/NaN in any input shows as a task-vector key in the top bins (a NaN base makes every key NaN).
         self.finds_nonfinite = self.reduce_passes > 0 and len(self.select.hi_experts) == len(self.experts)
         self.thresholds = self.select.result if not self.reduce_passes else None
         self.budgets: list[int] = []
-
-    def _inputs(self, chunk: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        raw = chunk.raw
-        return raw[self.base], [raw[i] for i in self.experts]  # type: ignore[index]
 
     def reduce(self, p: int, chunk: Chunk) -> None:
         base, experts = self._inputs(chunk)

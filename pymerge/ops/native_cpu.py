@@ -9,7 +9,7 @@ raise ValueError/TypeError (programming errors); a missing extension raises
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -455,6 +455,33 @@ def plain_divisor(weights: Sequence[float]) -> float:
     return 1.0 if bool(acc.abs() < 1e-8) else float(acc)
 
 
+class DareMapArgs(NamedTuple):
+    """The per-expert arguments of the native DARE/DELLA map, as the CPU and CUDA bindings take them."""
+
+    weights: list[float]
+    scales: list[float]
+    probs: list[float]
+    prob_ptrs: list[int]
+    model_ids: list[int]
+    consensus: int
+    divisor: float
+
+
+def dare_map_args(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], probs: Sequence,
+                  scales: Optional[Sequence[float]], model_ids: Sequence[int], consensus: Optional[str],
+                  device_type: str) -> DareMapArgs:
+    """Checked per-expert arguments of ``dare_map`` (shared by native_cpu and native_cuda; the tensors
+    themselves are checked by the caller)."""
+    k = len(experts)
+    if consensus not in CONSENSUS_CODES:
+        raise ValueError(f"consensus: expected 'sum', 'count' or None, got {consensus!r}")
+    ws = [float(w) for w in per_expert(weights, k, "weights")]
+    ps, ptrs = dare_probs(per_expert(probs, k, "probs"), base, device_type)
+    sc = [1.0] * k if scales is None else [float(s) for s in per_expert(scales, k, "scales")]
+    ids = [int(m) & _MASK32 for m in per_expert(model_ids, k, "model_ids")]
+    return DareMapArgs(ws, sc, ps, ptrs, ids, CONSENSUS_CODES[consensus], plain_divisor(ws))
+
+
 def dare_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], *, seed: int,
              model_ids: Sequence[int], tensor_name: str, probs: Sequence, scales: Optional[Sequence[float]] = None,
              start: int = 0, consensus: Optional[str] = "sum", normalize: bool = False, lambda_: float = 1.0,
@@ -472,17 +499,11 @@ def dare_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
 
     native = require_native("the native CPU DARE map")
     _check_same(experts, "experts", base)
-    k = len(experts)
-    if consensus not in CONSENSUS_CODES:
-        raise ValueError(f"consensus: expected 'sum', 'count' or None, got {consensus!r}")
-    ws = [float(w) for w in per_expert(weights, k, "weights")]
-    ps, ptrs = dare_probs(per_expert(probs, k, "probs"), base, "cpu")
-    sc = [1.0] * k if scales is None else [float(s) for s in per_expert(scales, k, "scales")]
+    a = dare_map_args(base, experts, weights, probs, scales, model_ids, consensus, "cpu")
     out = torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype)
     native.dare_map(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"), base.numel(),
-                    ws, sc, ps, ptrs, int(seed) & _MASK64,
-                    [int(m) & _MASK32 for m in per_expert(model_ids, k, "model_ids")], name_hash(tensor_name),
-                    int(start), CONSENSUS_CODES[consensus], bool(normalize), plain_divisor(ws), float(lambda_),
+                    a.weights, a.scales, a.probs, a.prob_ptrs, int(seed) & _MASK64, a.model_ids,
+                    name_hash(tensor_name), int(start), a.consensus, bool(normalize), a.divisor, float(lambda_),
                     out.data_ptr(), dtype_code(out.dtype, "out_dtype"))
     return out
 

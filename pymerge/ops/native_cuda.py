@@ -17,8 +17,7 @@ import torch
 
 from pymerge._native import native_module, native_unavailable_reason, require_native
 from pymerge.errors import BackendUnavailable
-from pymerge.ops.native_cpu import (CONSENSUS_CODES, check_inputs, check_tensor, dare_probs, dtype_code,
-                                    per_expert, plain_divisor)
+from pymerge.ops.native_cpu import (check_inputs, check_tensor, dare_map_args, dtype_code, per_expert)
 
 _runtime_lock = threading.Lock()
 _runtime_error: Optional[str] = None
@@ -274,19 +273,12 @@ def dare_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
 
     native = _require_cuda("the native CUDA DARE map")
     _check_same(experts, "experts", base)
-    k = len(experts)
-    if consensus not in CONSENSUS_CODES:
-        raise ValueError(f"consensus: expected 'sum', 'count' or None, got {consensus!r}")
-    ws = [float(w) for w in per_expert(weights, k, "weights")]
-    ps, ptrs = dare_probs(per_expert(probs, k, "probs"), base, "cuda")
-    sc = [1.0] * k if scales is None else [float(s) for s in per_expert(scales, k, "scales")]
-    divisor = plain_divisor(ws)
+    a = dare_map_args(base, experts, weights, probs, scales, model_ids, consensus, "cuda")
     out = _out_like(base, out, out_dtype)
     with torch.cuda.device(base.device):
         native.cuda_dare_map(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"),
-                             base.numel(), ws, sc, ps, ptrs, int(seed) & _MASK64,
-                             [int(m) & _MASK32 for m in per_expert(model_ids, k, "model_ids")],
-                             name_hash(tensor_name), int(start), CONSENSUS_CODES[consensus], bool(normalize),
-                             divisor, float(lambda_), out.data_ptr(), dtype_code(out.dtype, "out"),
+                             base.numel(), a.weights, a.scales, a.probs, a.prob_ptrs, int(seed) & _MASK64,
+                             a.model_ids, name_hash(tensor_name), int(start), a.consensus, bool(normalize),
+                             a.divisor, float(lambda_), out.data_ptr(), dtype_code(out.dtype, "out"),
                              _stream_handle(base.device))
     return out
