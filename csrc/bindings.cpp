@@ -20,6 +20,15 @@
 #include "pymerge/cuda_kernels.h"
 #endif
 
+// The module's name and the -march level its CPU kernels were compiled for (CMakeLists.txt builds this file
+// once per level: _C for the compiler's default, _C_x86_64_v3 / _C_x86_64_v4 for those levels).
+#ifndef PYMERGE_MODULE_NAME
+#define PYMERGE_MODULE_NAME _C
+#endif
+#ifndef PYMERGE_CPU_ISA
+#define PYMERGE_CPU_ISA "default"
+#endif
+
 namespace py = pybind11;
 using pymerge::DType;
 
@@ -430,6 +439,7 @@ py::dict build_info() {
 #endif
   info["omp_max_threads"] = pymerge::cpu::max_threads();
   info["compiler"] = PYMERGE_CXX_COMPILER;
+  info["cpu_isa"] = PYMERGE_CPU_ISA;
   py::dict codes;
   codes["float32"] = static_cast<int>(DType::F32);
   codes["float16"] = static_cast<int>(DType::F16);
@@ -630,7 +640,40 @@ void def_cuda_merge_kernels(py::module_& m) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// Whether this CPU (and its OS, which must save the wider registers) runs code built for the x86-64
+// microarchitecture level `level` (1..4); false on other architectures. Asked of the default module before a
+// level module is imported, since importing one on a CPU without its instructions could crash the process.
+static bool cpu_supports_level(int level) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  __builtin_cpu_init();  // GCC 12+ knows the levels by name (every feature the -march level assumes)
+  switch (level) {
+    case 1: return true;
+    case 2: return __builtin_cpu_supports("x86-64-v2");
+    case 3: return __builtin_cpu_supports("x86-64-v3");
+    case 4: return __builtin_cpu_supports("x86-64-v4");
+    default: return false;
+  }
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  // Older compilers: the features that set the levels apart (every CPU with these has the rest of its level).
+  __builtin_cpu_init();
+  if (level <= 1) return true;
+  const bool v2 = __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("sse4.2") &&
+                  __builtin_cpu_supports("ssse3");
+  if (level == 2) return v2;
+  const bool v3 = v2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                  __builtin_cpu_supports("avx");
+  if (level == 3) return v3;
+  return level == 4 && v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  (void)level;
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
   m.doc() = "pymerge native kernels (C++17 CPU, optional CUDA). Raw pointers + dtype codes; see pymerge.ops.";
   m.attr("DTYPE_F32") = static_cast<int>(DType::F32);
   m.attr("DTYPE_F16") = static_cast<int>(DType::F16);
@@ -638,7 +681,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("build_info", &build_info,
         "How this extension was built: cuda_compiled, cuda_version, cuda_archs, cuda_max_inputs, openmp, "
-        "omp_max_threads, compiler, dtype_codes.");
+        "omp_max_threads, compiler, cpu_isa, dtype_codes.");
+  m.def("cpu_supports_level", &cpu_supports_level, py::arg("level"),
+        "Whether this CPU runs code built for x86-64 microarchitecture level `level` (1-4); False elsewhere.");
 
   m.def(
       "cast",

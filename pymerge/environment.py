@@ -34,9 +34,11 @@ def environment_report() -> dict[str, Any]:
     cuda_gpu = torch.cuda.is_available()
     backends = {
         "torch": "available (every method; the reference backend)",
-        "cpu": (f"native extension loaded; the default for {', '.join(sorted(NATIVE_METHODS['cpu']))} "
-                "(some parameter settings run on torch; see the README's method table)")
-               if native["native"] else f"unavailable: {native['reason']}",
+        "cpu": (f"native extension loaded ({native['cpu_isa']} kernels); the default for "
+                f"{', '.join(sorted(NATIVE_METHODS['cpu']))} (some parameter settings run on torch; see the "
+                "README's method table)")
+               if native["native"] and native.get("cpu_isa") else
+               f"unavailable: {native.get('cpu_isa_reason') or native['reason']}",
         "cuda": ("unavailable: the extension was built without CUDA kernels" if not native.get("cuda_compiled")
                  else "unavailable: no CUDA GPU visible to torch" if not cuda_gpu
                  else f"kernels compiled for {native.get('cuda_archs')}; with --device cuda (not yet verified on "

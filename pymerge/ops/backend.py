@@ -55,6 +55,11 @@ def resolve_backend(backend: str | None, method: str, device: str) -> str:
     if requested in ("cuda", "triton"):
         raise BackendUnavailable(f"backend '{requested}' runs on the GPU; add --device cuda")
     if requested == "auto":
+        from .._native import cpu_isa_error
+
+        bad_setting = cpu_isa_error()  # a PYMERGE_CPU_ISA that cannot run is an error, not a quiet torch merge
+        if bad_setting is not None and method in NATIVE_METHODS["cpu"]:
+            raise BackendUnavailable(bad_setting)
         for name in ("cpu",):
             if method in NATIVE_METHODS[name] and backend_built(name):
                 return name
@@ -65,9 +70,9 @@ def resolve_backend(backend: str | None, method: str, device: str) -> str:
         raise BackendUnavailable(f"backend '{requested}' does not implement merge method '{method}' yet; "
                                  "use --backend torch (or auto)")
     if not backend_built(requested):
-        from .._native import native_unavailable_reason
+        from .._native import cpu_unavailable_reason
 
-        raise BackendUnavailable(f"backend '{requested}' is not available: {native_unavailable_reason()}")
+        raise BackendUnavailable(f"backend '{requested}' is not available: {cpu_unavailable_reason()}")
     return requested
 
 
@@ -100,6 +105,6 @@ def _resolve_gpu_backend(requested: str, method: str) -> str:
 
 def backend_built(name: str) -> bool:
     """Whether the compiled extension that holds backend ``name``'s kernels is importable."""
-    from .._native import native_module
+    from .._native import cpu_module, native_module
 
-    return native_module() is not None
+    return (cpu_module() if name == "cpu" else native_module()) is not None

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from pymerge._native import require_native
+from pymerge._native import require_cpu
 
 # The kernels' storage formats and their codes in pymerge._C (DTYPE_F32/F16/BF16; stable numbers).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -67,7 +67,7 @@ def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Bit-exact with ``x.to(dtype)`` for every non-NaN value (NaN stays NaN, sign kept, quiet bit set on
     narrowing). ``x`` must be a contiguous CPU tensor. Returns a new tensor of x's shape.
     """
-    native = require_native("the native CPU cast")
+    native = require_cpu("the native CPU cast")
     check_tensor(x, "x", "cpu")
     src_code = dtype_code(x.dtype, "x")
     dst_code = dtype_code(dtype, "dtype")
@@ -91,7 +91,7 @@ def weighted_sum(
     even. Bit-identical to ``native_cuda.weighted_sum``. ``xs`` are contiguous CPU tensors of one shape
     and dtype; ``out_dtype`` defaults to theirs. Weights must be finite; normalize needs a non-zero sum.
     """
-    native = require_native("the native CPU weighted_sum")
+    native = require_cpu("the native CPU weighted_sum")
     ws = check_inputs(xs, weights, "cpu")
     in_code = dtype_code(xs[0].dtype, "xs")
     out_dtype = xs[0].dtype if out_dtype is None else out_dtype
@@ -108,7 +108,7 @@ def count_nonfinite(xs: Sequence[torch.Tensor]) -> list[int]:
 
     ``xs`` are contiguous CPU tensors of one shape and dtype (float32, float16 or bfloat16).
     """
-    native = require_native("the native CPU non-finite count")
+    native = require_cpu("the native CPU non-finite count")
     first = _check_same(xs, "xs")
     return list(native.count_nonfinite([x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel()))
 
@@ -121,7 +121,7 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> tuple[int, int, int, int]:
     """The four output words of Philox4x32-10 for a 4-word counter and a 2-word key (each word < 2**32)."""
-    native = require_native("the native Philox generator")
+    native = require_cpu("the native Philox generator")
     return tuple(native.philox4x32_10([int(c) for c in counter], [int(k) for k in key]))  # type: ignore[return-value]
 
 
@@ -133,7 +133,7 @@ def philox_uniform24(seed: int, model: int, tensor_name: str, start: int, count:
     """
     from .philox import name_hash
 
-    native = require_native("the native Philox generator")
+    native = require_cpu("the native Philox generator")
     out = torch.empty(int(count), dtype=torch.int32)
     native.philox_uniform24(int(seed) & _MASK64, int(model) & _MASK32, name_hash(tensor_name), int(start),
                             int(count), out.data_ptr())
@@ -150,7 +150,7 @@ def philox_keep_mask(seed: int, model: int, tensor_name: str, start: int, count:
 
     if isinstance(prob, torch.Tensor):
         raise TypeError("prob: the native keep-mask takes one float probability, got a tensor")
-    native = require_native("the native Philox generator")
+    native = require_cpu("the native Philox generator")
     out = torch.empty(int(count), dtype=torch.bool)  # one byte per element, 0 or 1: what the kernel writes
     native.philox_keep_mask(int(seed) & _MASK64, int(model) & _MASK32, name_hash(tensor_name), int(start),
                             int(count), float(prob), out.data_ptr())
@@ -196,7 +196,7 @@ def radix_hist_hi(xs: Sequence[torch.Tensor], *, base: Optional[torch.Tensor] = 
     row. ``hist`` (int64, [len(xs), 65536]) is accumulated into when given, else a zeroed one is returned.
     For bfloat16 without a base every key's low 16 bits are 0 (the hi histogram alone decides the threshold).
     """
-    native = require_native("the native radix histogram")
+    native = require_cpu("the native radix histogram")
     first = _check_same(xs, "xs", base)
     out = _hist_buffer(hist, len(xs))
     native.radix_hist_hi([x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel(),
@@ -207,7 +207,7 @@ def radix_hist_hi(xs: Sequence[torch.Tensor], *, base: Optional[torch.Tensor] = 
 def radix_hist_lo(xs: Sequence[torch.Tensor], hi_bins: Sequence[int], *, base: Optional[torch.Tensor] = None,
                   hist: Optional[torch.Tensor] = None) -> torch.Tensor:
     """hist[j, key & 0xFFFF] += 1 for the keys of xs[j] (as in ``radix_hist_hi``) with key >> 16 == hi_bins[j]."""
-    native = require_native("the native radix histogram")
+    native = require_cpu("the native radix histogram")
     first = _check_same(xs, "xs", base)
     if len(hi_bins) != len(xs):
         raise ValueError(f"hi_bins: got {len(hi_bins)} bins for {len(xs)} tensors (one per tensor)")
@@ -347,7 +347,7 @@ def tie_cutoffs(base: torch.Tensor, experts: Sequence[torch.Tensor], thresh_keys
     than the budget, the cutoff is n and the budget left is what a following chunk may still keep; otherwise
     the budget left is 0. The scan stops at the last cutoff found.
     """
-    native = require_native("the native CPU TIES tie cutoffs")
+    native = require_cpu("the native CPU TIES tie cutoffs")
     _check_same(experts, "experts", base)
     k = len(experts)
     for what, values in (("thresh_keys", thresh_keys), ("tie_budgets", tie_budgets)):
@@ -379,7 +379,7 @@ def ties_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
     ``inner_cutoffs`` (breadcrumbs) also drop what a second threshold keeps: keep_j = kept by (T_j, cutoff_j)
     and not kept by (inner_keys[j], inner_cutoffs[j]), the top k_outer minus the top k_inner.
     """
-    native = require_native("the native CPU TIES map")
+    native = require_cpu("the native CPU TIES map")
     _check_same(experts, "experts", base)
     k = len(experts)
     for what, values in (("weights", weights), ("thresh_keys", thresh_keys), ("tie_cutoffs", tie_cutoffs)):
@@ -497,7 +497,7 @@ def dare_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Seque
     """
     from .philox import name_hash
 
-    native = require_native("the native CPU DARE map")
+    native = require_cpu("the native CPU DARE map")
     _check_same(experts, "experts", base)
     a = dare_map_args(base, experts, weights, probs, scales, model_ids, consensus, "cpu")
     out = torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype)
@@ -516,7 +516,7 @@ def dare_l1_rows(base: torch.Tensor, experts: Sequence[torch.Tensor], *, seed: i
     ``base`` and ``experts`` are 2-D (a vector is one row)."""
     from .philox import name_hash
 
-    native = require_native("the native CPU DARE L1 norms")
+    native = require_cpu("the native CPU DARE L1 norms")
     _check_same(experts, "experts", base)
     if base.dim() != 2:
         raise ValueError(f"base: expected a [rows, cols] chunk, got shape {tuple(base.shape)}")
@@ -535,7 +535,7 @@ def della_probs(base: torch.Tensor, x: torch.Tensor, density: float, epsilon: fl
     """DELLA's fp32 keep probabilities for a [rows, cols] chunk ranked along each row: fp32(d - eps) + fp32(2 eps)
     * rank / (cols - 1), rank the stable ascending rank of |x - base| in its row. Bit-identical to
     ``pymerge.methods.sparsify.della_probabilities(x.float() - base.float(), density, epsilon, cols)``."""
-    native = require_native("the native CPU DELLA ranks")
+    native = require_cpu("the native CPU DELLA ranks")
     _check_same([x], "x", base)
     if base.dim() != 2:
         raise ValueError(f"base: expected a [rows, cols] chunk, got shape {tuple(base.shape)}")
