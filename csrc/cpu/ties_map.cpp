@@ -88,6 +88,77 @@ void band_weight(const typename DTypeTraits<S>::storage* __restrict x, const flo
   }
 }
 
+// The common case in one loop with every value in registers: K experts (a compile-time count), no breadcrumbs
+// band, and no tie cutoff inside [t, t + m), so each expert keeps "key > compare[j]" across the whole tile.
+// The same operations in the same order as trim_weight + gta::finish_tile (so the same bits); measured on
+// 4 x 16.8M bf16 (x86-64-v4 build, 2 threads) it takes ~1/2 the time of the staged tile, which makes a pass
+// over L1 scratch per expert and step.
+template <DType S, DType D, bool kNormalize, bool kConsensus, int K>
+void ties_tile_fused(const TiesArgs& a, const int32_t* __restrict compare, int64_t t, int64_t m) {
+  using SrcT = typename DTypeTraits<S>::storage;
+  using DstT = typename DTypeTraits<D>::storage;
+  const SrcT* __restrict base = static_cast<const SrcT*>(a.base) + t;
+  const SrcT* __restrict x[K];
+  float w[K];
+  int32_t cmp[K];
+  for (int j = 0; j < K; ++j) {
+    x[j] = static_cast<const SrcT*>(a.experts[j]) + t;
+    w[j] = a.weights[j];
+    cmp[j] = compare[j];
+  }
+  const float divisor = a.divisor;
+  // Always multiplied: r * 1.0f is r bit for bit (a NaN keeps its payload on x86), and GCC 12 vectorizes no
+  // loop that selects on the loop-invariant apply_lambda.
+  const float lambda = a.lambda;
+  DstT* __restrict o = static_cast<DstT*>(a.out) + t;
+  for (int64_t i = 0; i < m; ++i) {
+    const float b = DTypeTraits<S>::widen(base[i]);
+    float d[K];
+    float sum = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      const float tau = DTypeTraits<S>::widen(x[j][i]) - b;
+      const float keep = radix::above(radix::magnitude_key(tau), cmp[j]) ? 1.0f : 0.0f;
+      d[j] = (tau * keep) * w[j];
+      sum = j == 0 ? d[j] : sum + d[j];
+    }
+    float r;
+    if (kConsensus) {
+      float mixed = 0.0f;
+      float div = 0.0f;
+      for (int j = 0; j < K; ++j) {
+        const float agree = gta::agreement(sum, d[j]);
+        mixed = j == 0 ? d[j] * agree : mixed + d[j] * agree;
+        if (kNormalize) div = j == 0 ? w[j] * agree : div + w[j] * agree;
+      }
+      r = mixed;
+      if (kNormalize) r = r / (div == 0.0f ? 1.0f : div);
+    } else {
+      r = sum;
+      if (kNormalize) r = r / divisor;
+    }
+    r = r * lambda;
+    o[i] = DTypeTraits<D>::narrow(b + r);
+  }
+}
+
+// Experts the fused tile handles (one instantiation each); more experts take the staged tile.
+constexpr int64_t kMaxFusedExperts = 4;
+
+// For a tile [t, t + m): fills compare[j] and returns true when no expert's tie cutoff falls inside it.
+inline bool uniform_compare(const TiesArgs& a, int64_t t, int64_t m, int32_t* compare) {
+  for (int64_t j = 0; j < a.k; ++j) {
+    const int64_t cutoff = a.cutoffs[j];
+    if (cutoff >= t + m - 1) {
+      compare[j] = a.thresh[j] - 1;  // every tie in the tile is kept
+    } else if (cutoff < t) {
+      compare[j] = a.thresh[j];      // none is
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
 // scratch: (k + 4) * kTile floats.
 template <DType S, DType D, bool kNormalize, bool kConsensus>
 void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
@@ -98,8 +169,18 @@ void ties_range(const TiesArgs& a, int64_t begin, int64_t end, float* scratch) {
   float* __restrict sum = tile.sum;
   float* __restrict deltas = tile.deltas;  // k rows of kTile
   const SrcT* __restrict base = static_cast<const SrcT*>(a.base);
+  const bool fusable = a.inner_thresh == nullptr && a.k <= kMaxFusedExperts;
+  int32_t compare[kMaxFusedExperts];
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t m = std::min(kTile, end - t);
+    if (fusable && uniform_compare(a, t, m, compare)) {
+      switch (a.k) {
+        case 1: ties_tile_fused<S, D, kNormalize, kConsensus, 1>(a, compare, t, m); continue;
+        case 2: ties_tile_fused<S, D, kNormalize, kConsensus, 2>(a, compare, t, m); continue;
+        case 3: ties_tile_fused<S, D, kNormalize, kConsensus, 3>(a, compare, t, m); continue;
+        default: ties_tile_fused<S, D, kNormalize, kConsensus, 4>(a, compare, t, m); continue;
+      }
+    }
     for (int64_t i = 0; i < m; ++i) b[i] = DTypeTraits<S>::widen(base[t + i]);
 
     // Trim and weight each task vector; the sign-election sum runs in expert order from the first term.
