@@ -773,14 +773,85 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
 
   m.def(
       "radix_hist_hi",
-      [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, int64_t hist_ptr, int64_t base_ptr) {
+      [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, int64_t hist_ptr, int64_t base_ptr,
+         int sample_shift) {
         const RadixHistArgs a = check_radix_hist(x_ptrs, dtype, n, hist_ptr, base_ptr);
+        if (sample_shift < 0 || sample_shift > 15) {
+          fail("sample_shift: must be in [0, 16), got " + std::to_string(sample_shift));
+        }
         py::gil_scoped_release release;
         pymerge::cpu::radix_hist(a.inputs.data(), int64_t(a.inputs.size()), a.base, a.dtype, n, nullptr,
-                                 a.hist);
+                                 a.hist, sample_shift);
       },
       py::arg("x_ptrs"), py::arg("dtype"), py::arg("n"), py::arg("hist_ptr"), py::arg("base_ptr") = 0,
-      "hist[j, key >> 16] += 1 for key = fp32 bits of |x_j[i] (- base[i])| (int64 [len(x_ptrs), 65536]).");
+      py::arg("sample_shift") = 0,
+      "hist[j, key >> 16] += 1 for key = fp32 bits of |x_j[i] (- base[i])| (int64 [len(x_ptrs), 65536]); with "
+      "sample_shift s only the first len >> s elements of every 65,536-element block.");
+
+  m.def(
+      "radix_bracket",
+      [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, const std::vector<int64_t>& lo_keys,
+         const std::vector<int64_t>& hi_keys, const std::vector<int64_t>& out_ptrs,
+         const std::vector<int64_t>& capacities, const std::vector<int64_t>& filled, int64_t base_ptr) {
+        const size_t k = x_ptrs.size();
+        if (k == 0) fail("x_ptrs: at least one input is required");
+        check_per_expert(k, lo_keys.size(), "lo_keys");
+        check_per_expert(k, hi_keys.size(), "hi_keys");
+        check_per_expert(k, out_ptrs.size(), "out_ptrs");
+        check_per_expert(k, capacities.size(), "capacities");
+        check_per_expert(k, filled.size(), "filled");
+        check_count(n);
+        const DType d = checked_dtype(dtype, "dtype");
+        check_bytes(n, d, "x");
+        std::vector<uint32_t> los, his;
+        std::vector<int32_t*> outs;
+        std::vector<int64_t> fills(filled);
+        for (size_t j = 0; j < k; ++j) {
+          const std::string at = "[" + std::to_string(j) + "]";
+          if (lo_keys[j] < 0 || lo_keys[j] > hi_keys[j] || hi_keys[j] > (int64_t(1) << 31)) {
+            fail("lo_keys" + at + ", hi_keys" + at + ": need 0 <= lo <= hi <= 2^31, got " +
+                 std::to_string(lo_keys[j]) + ", " + std::to_string(hi_keys[j]));
+          }
+          if (capacities[j] < 0) fail("capacities" + at + ": must be >= 0");
+          if (filled[j] < 0) fail("filled" + at + ": must be >= 0");
+          los.push_back(uint32_t(lo_keys[j]));
+          his.push_back(uint32_t(hi_keys[j]));
+          const uintptr_t o = checked_pointer(out_ptrs[j], capacities[j], "out_ptrs" + at);
+          if (o % alignof(int32_t) != 0) fail("out_ptrs" + at + ": must be 4-byte aligned (an int32 buffer)");
+          outs.push_back(reinterpret_cast<int32_t*>(o));
+        }
+        std::vector<const void*> inputs;
+        for (size_t j = 0; j < k; ++j) {
+          const std::string what = "x_ptrs[" + std::to_string(j) + "]";
+          const uintptr_t p = checked_pointer(x_ptrs[j], n, what);
+          for (size_t i = 0; i < k; ++i) {
+            if (overlaps(p, n * pymerge::dtype_size(d), uintptr_t(outs[i]), capacities[i] * 4)) {
+              fail(what + ": overlaps out_ptrs[" + std::to_string(i) + "]; they must be separate buffers");
+            }
+          }
+          inputs.push_back(reinterpret_cast<const void*>(p));
+        }
+        for (size_t i = 0; i < k; ++i) {
+          for (size_t j = i + 1; j < k; ++j) {
+            if (overlaps(uintptr_t(outs[i]), capacities[i] * 4, uintptr_t(outs[j]), capacities[j] * 4)) {
+              fail("out_ptrs[" + std::to_string(i) + "], out_ptrs[" + std::to_string(j) + "]: overlap");
+            }
+          }
+        }
+        const void* base = nullptr;
+        if (base_ptr != 0) base = reinterpret_cast<const void*>(checked_pointer(base_ptr, n, "base_ptr"));
+        std::vector<int64_t> above(k, 0), nonfinite(k, 0);
+        {
+          py::gil_scoped_release release;
+          pymerge::cpu::radix_bracket(inputs.data(), int64_t(k), base, d, n, los.data(), his.data(), outs.data(),
+                                      capacities.data(), fills.data(), above.data(), nonfinite.data());
+        }
+        return py::make_tuple(fills, above, nonfinite);
+      },
+      py::arg("x_ptrs"), py::arg("dtype"), py::arg("n"), py::arg("lo_keys"), py::arg("hi_keys"), py::arg("out_ptrs"),
+      py::arg("capacities"), py::arg("filled"), py::arg("base_ptr") = 0,
+      "Bracket pass of the sampled top-k (cpu_kernels.h): appends the keys in [lo_keys[j], hi_keys[j]) to the "
+      "int32 buffers; returns (filled, above, nonfinite) per input (filled > capacity: overflowed).");
 
   m.def(
       "radix_hist_lo",

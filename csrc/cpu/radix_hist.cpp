@@ -71,16 +71,24 @@ void hist_range(const void* x_ptr, const void* base_ptr, int64_t begin, int64_t 
 }
 
 // hist holds k * Ways * kBins counters: input j's copies start at j * Ways * kBins.
+// The sample of radix_hist's sample_shift: the first kSampleSpan >> shift elements of every kSampleSpan. Short
+// runs spread evenly, so every row of a weight matrix contributes (rows may differ in scale).
+constexpr int64_t kSampleSpan = 4096;
+
 template <DType S, int64_t Ways, typename Count>
 void hist_all(const void* const* xs, int64_t k, const void* base, const int32_t* hi_bins, int64_t begin,
-              int64_t end, Count* hist) {
+              int64_t end, Count* hist, int shift) {
+  const int64_t run = kSampleSpan >> shift;
   for (int64_t j = 0; j < k; ++j) {
     const int32_t hi_bin = hi_bins == nullptr ? -1 : hi_bins[j];
     Count* h = hist + j * Ways * radix::kBins;
-    if (base != nullptr) {
-      hist_range<S, true, Ways>(xs[j], base, begin, end, hi_bin, h);
-    } else {
-      hist_range<S, false, Ways>(xs[j], nullptr, begin, end, hi_bin, h);
+    for (int64_t b = begin; b < end; b += (shift == 0 ? end - begin : kSampleSpan)) {
+      const int64_t e = shift == 0 ? end : std::min(end, b + run);
+      if (base != nullptr) {
+        hist_range<S, true, Ways>(xs[j], base, b, e, hi_bin, h);
+      } else {
+        hist_range<S, false, Ways>(xs[j], nullptr, b, e, hi_bin, h);
+      }
     }
   }
 }
@@ -88,8 +96,9 @@ void hist_all(const void* const* xs, int64_t k, const void* base, const int32_t*
 }  // namespace
 
 void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype, int64_t n,
-                const int32_t* hi_bins, int64_t* hist) {
+                const int32_t* hi_bins, int64_t* hist, int sample_shift) {
   if (n <= 0 || k <= 0) return;
+  const int shift = sample_shift;
   const int64_t num_blocks = (n + kParallelBlock - 1) / kParallelBlock;
   dispatch_dtype(dtype, [&](auto tag) {
     constexpr DType S = decltype(tag)::value;
@@ -121,7 +130,7 @@ void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype,
 #endif
         for (int64_t blk = 0; blk < num_blocks; ++blk) {
           const int64_t begin = blk * kParallelBlock;
-          hist_all<S, kWays>(xs, k, base, hi_bins, begin, std::min(n, begin + kParallelBlock), local.data());
+          hist_all<S, kWays>(xs, k, base, hi_bins, begin, std::min(n, begin + kParallelBlock), local.data(), shift);
           // Every copy of a bin counts at most kParallelBlock / kWays per block; flushing every kFlushEvery
           // blocks keeps each uint32 far from overflow.
           if (++since_flush >= kFlushEvery) flush();
@@ -130,7 +139,7 @@ void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype,
       }
       return;
     }
-    hist_all<S, 1>(xs, k, base, hi_bins, 0, n, hist);  // one block: count straight into the int64 bins
+    hist_all<S, 1>(xs, k, base, hi_bins, 0, n, hist, shift);  // one block: count straight into the int64 bins
   });
 }
 

@@ -4,7 +4,8 @@ pass from the memory maps in their stored dtype (no fp32 copies).
 Covered (everything else runs on the torch merge, or is an error when the cpu backend was asked for by name):
   task_arithmetic   no trim, no election                     -> one ties_map pass with consensus off
   ties              per-tensor magnitude trim, weighted-sum election, rescale off
-                    -> two radix-histogram reduce passes (exact thresholds), then one fused ties_map pass
+                    -> a sampled hi histogram and one bracket pass (exact thresholds; native_cpu.MagnitudeTopK),
+                       then one fused ties_map pass
   breadcrumbs(_ties) the same with two thresholds per expert (keep the top k_outer minus the top k_inner),
                     both selections sharing the expert's hi histogram; rescale off, election by sum
 The thresholds and tie counts equal the torch ``TopKSelector``'s; ties at a threshold are kept by lowest flat
@@ -65,23 +66,22 @@ class NativeGTAMerge(NativeTaskVectorMerge):
                 src.append(e)
         self.select = self.nc.MagnitudeTopK(ks, n, src)
         self.reduce_passes = self.select.passes
-        # The hi histogram pass reads the base and every expert it selects for; when that is every expert, an
-        # Inf/NaN in any input shows as a task-vector key in the top bins (a NaN base makes every key NaN).
+        # The selection passes read the base and every expert they select for, and count the Inf/NaN task-vector
+        # keys (a NaN base makes every key NaN); when that is every expert, the separate scan is not needed.
         self.finds_nonfinite = self.reduce_passes > 0 and len(self.select.hi_experts) == len(self.experts)
         self.thresholds = self.select.result if not self.reduce_passes else None
         self.budgets: list[int] = []
 
     def reduce(self, p: int, chunk: Chunk) -> None:
         base, experts = self._inputs(chunk)
-        (self.select.add_hi if p == 0 else self.select.add_lo)(base, experts)
+        self.select.add(p, base, experts)
 
     def end_pass(self, p: int) -> None:
-        if p == 0:
-            self.select.end_hi()
-            if self.select.nonfinite and self.nonfinite_found is not None:
-                self.nonfinite_found()
-        else:
-            self.thresholds = self.select.end_lo()
+        self.select.end(p)
+        if p == 2 and self.select.nonfinite and self.nonfinite_found is not None:
+            self.nonfinite_found()
+        if p == self.reduce_passes - 1:
+            self.thresholds = self.select.result
 
     def map(self, chunk: Chunk) -> torch.Tensor:
         base, experts = self._inputs(chunk)

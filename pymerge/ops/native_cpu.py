@@ -8,9 +8,11 @@ raise ValueError/TypeError (programming errors); a missing extension raises
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from pymerge._native import require_cpu
@@ -189,19 +191,41 @@ def _hist_buffer(hist: Optional[torch.Tensor], rows: int) -> torch.Tensor:
 
 
 def radix_hist_hi(xs: Sequence[torch.Tensor], *, base: Optional[torch.Tensor] = None,
-                  hist: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  hist: Optional[torch.Tensor] = None, sample_shift: int = 0) -> torch.Tensor:
     """hist[j, b] += #{i : key_j[i] >> 16 == b}, key_j = fp32 bits of |xs[j] - base| (or |xs[j]| without base).
 
     The difference is taken in fp32 after widening. Equals ``torch.bincount(magnitude_keys(x) >> 16)`` row by
     row. ``hist`` (int64, [len(xs), 65536]) is accumulated into when given, else a zeroed one is returned.
     For bfloat16 without a base every key's low 16 bits are 0 (the hi histogram alone decides the threshold).
+    ``sample_shift`` s > 0 counts a sample only: the elements i with i % 4096 < 4096 >> s.
     """
     native = require_cpu("the native radix histogram")
     first = _check_same(xs, "xs", base)
     out = _hist_buffer(hist, len(xs))
     native.radix_hist_hi([x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel(),
-                         out.data_ptr(), 0 if base is None else base.data_ptr())
+                         out.data_ptr(), 0 if base is None else base.data_ptr(), int(sample_shift))
     return out
+
+
+def radix_bracket(xs: Sequence[torch.Tensor], lo_keys: Sequence[int], hi_keys: Sequence[int],
+                  outs: Sequence[torch.Tensor], filled: Sequence[int], *, base: Optional[torch.Tensor] = None
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """(filled, above, nonfinite): for each xs[j] (keys as in ``radix_hist_hi``; several entries may be the same
+    tensor), ``above[j]`` = #(key >= hi_keys[j]), ``nonfinite[j]`` = #(key >= 0x7F800000), and the keys in
+    [lo_keys[j], hi_keys[j]) appended to the int32 buffer ``outs[j]`` from ``filled[j]`` on, in no particular
+    order. The returned filled[j] counts every such key; > outs[j].numel() means the buffer overflowed (the
+    keys past its end were dropped)."""
+    native = require_cpu("the native radix bracket pass")
+    first = _check_same(xs, "xs", base)
+    for j, o in enumerate(outs):
+        check_tensor(o, f"outs[{j}]", "cpu")
+        if o.dtype != torch.int32 or o.dim() != 1:
+            raise ValueError(f"outs[{j}]: expected a 1-D int32 tensor, got {o.dtype} {tuple(o.shape)}")
+    f, above, nonfinite = native.radix_bracket(
+        [x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel(), [int(v) for v in lo_keys],
+        [int(v) for v in hi_keys], [o.data_ptr() for o in outs], [o.numel() for o in outs], [int(v) for v in filled],
+        0 if base is None else base.data_ptr())
+    return list(f), list(above), list(nonfinite)
 
 
 def radix_hist_lo(xs: Sequence[torch.Tensor], hi_bins: Sequence[int], *, base: Optional[torch.Tensor] = None,
@@ -244,7 +268,9 @@ class _HistPool:
         with self._lock:
             for i, h in enumerate(self._free):
                 if h.shape[0] >= rows:
-                    return self._free.pop(i)[:rows].zero_()
+                    hist = self._free.pop(i)[:rows]
+                    hist.numpy().fill(0)  # numpy: one thread, no wake-up of torch's OpenMP pool
+                    return hist
         return torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
 
     def give(self, hist: torch.Tensor) -> None:
@@ -257,16 +283,70 @@ class _HistPool:
 _HIST_POOL = _HistPool()
 
 
-class MagnitudeTopK:
-    """Exact top-k thresholds of several task vectors x_j - base, accumulated chunk by chunk with the native
-    radix histograms: ``add_hi`` over every chunk, ``end_hi``, ``add_lo`` over every chunk, ``end_lo``.
+# Sampled selection (MagnitudeTopK): tensors of at least SAMPLE_MIN elements take their first histogram from a
+# sample of 1 / 2^shift of the elements (a run at the start of every 4096), with shift chosen so the sample keeps
+# >= ~2^SAMPLE_LOG2 elements.
+SAMPLE_MIN = 1 << 21
+SAMPLE_LOG2 = 20
+MAX_SAMPLE_SHIFT = 4
+# The bracket spans the sample ranks k' +- (BRACKET_SIGMAS * sd + BRACKET_SLACK), sd the binomial deviation of the
+# k-th key's rank in the sample, widened to whole hi bins; generous, because the sample is runs of 256+
+# elements rather than independent draws. The keys inside are copied out (int32): Gaussian-like task vectors
+# put 1-5% of their keys in the bracket at density 0.2-0.9 (16.8M elements, 1/16 sample). The buffer is sized
+# from the sample with CANDIDATE_HEADROOM, at most CANDIDATE_CAP keys (64 MB); a bracket expected to hold more,
+# or one whose buffer overflows, takes the plain two histogram passes instead.
+BRACKET_SIGMAS = 6.0
+BRACKET_SLACK = 32
+CANDIDATE_HEADROOM = 1.25
+CANDIDATE_CAP = 1 << 24
 
-    The native twin of ``pymerge.ops.select.TopKSelector`` (same keys, same thresholds and tie counts); a
-    threshold is marked ``keep_all_ties`` when the kept ties are all the elements equal to its key, so the map
-    pass needs no flat-order tie cutoff for it. ``passes`` is 0 when every k is trivial (0 or n).
+
+def sample_shift(n: int) -> int:
+    """Sampling shift of the first pass for a selection over n elements (0: every element)."""
+    if n < SAMPLE_MIN:
+        return 0
+    return max(0, min(MAX_SAMPLE_SHIFT, (n.bit_length() - 1) - SAMPLE_LOG2))
+
+
+class _TopWalk:
+    """Walks a histogram down from its top bin: one cumulative sum, then a binary search per rank."""
+
+    def __init__(self, hist: np.ndarray):
+        self.hist = hist
+        self.below = np.cumsum(hist[::-1])  # below[i] = count of bins >= size - 1 - i
+        self.total = int(self.below[-1])
+
+    def bin(self, k: int) -> tuple[int, int]:
+        """(b, count above b) for the highest bin b with count(bins >= b) >= k (1 <= k <= total), as
+        ``pymerge.ops.select._walk_down``."""
+        i = int(np.searchsorted(self.below, k, side="left"))
+        return self.hist.size - 1 - i, int(self.below[i - 1]) if i > 0 else 0
+
+    def count(self, b: int) -> int:
+        return int(self.hist[b])
+
+
+class MagnitudeTopK:
+    """Exact top-k thresholds of several task vectors x_j - base, accumulated chunk by chunk with native passes:
+    ``add(p, base, experts)`` over every chunk, then ``end(p)``, for p in range(``passes``); ``result`` after.
+
+    The native twin of ``pymerge.ops.select.TopKSelector``: the same keys, thresholds and tie counts, by a
+    different route. Pass 0 histograms the hi 16 bits of a sample (``sample_shift``; every key for small
+    tensors), which brackets the k-th largest key within a few hi bins. Pass 1, the only full-resolution pass,
+    counts the keys above the bracket and copies out the keys inside it (``radix_bracket``); the exact threshold
+    is then the right order statistic of those, whenever the k-th key fell inside. When it did not (an
+    unrepresentative sample), or the bracket would hold too many keys, passes 2 and 3 run the plain hi and lo
+    histograms for that selection; otherwise they read nothing. Without sampling pass 0 is the plain hi
+    histogram, so the bracket is the k-th key's bin: never a miss. ``missed`` lists the selections that needed
+    passes 2-3 (for tests).
+
+    A threshold is marked ``keep_all_ties`` when the kept ties are all the elements equal to its key, so the
+    map pass needs no flat-order tie cutoff for it. ``passes`` is 0 when every k is trivial (0 or n).
+    ``nonfinite`` is complete after pass 2: > 0 when a task-vector key of an expert selected for is Inf/NaN.
     """
 
-    def __init__(self, ks: Sequence[int], n: int, src: Optional[Sequence[int]] = None):
+    def __init__(self, ks: Sequence[int], n: int, src: Optional[Sequence[int]] = None,
+                 shift: Optional[int] = None):
         from .select import Threshold
 
         self.ks, self.n = [int(k) for k in ks], int(n)
@@ -276,51 +356,142 @@ class MagnitudeTopK:
                              for k in self.ks]
         self.todo = [j for j, k in enumerate(self.ks) if 0 < k < n]
         self.hi_experts = sorted({self.src[j] for j in self.todo})  # one hi histogram row per expert read
-        self.passes = 2 if self.todo else 0
-        self.hist = _HIST_POOL.take(len(self.todo)) if self.todo else None
-        self.hi: list[tuple[int, int]] = []
-        self.nonfinite = 0  # elements whose task-vector key was Inf/NaN, counted by the hi pass
+        self.passes = 4 if self.todo else 0
+        self.shift = sample_shift(self.n) if shift is None else int(shift)
+        self.hist = _HIST_POOL.take(len(self.todo)) if self.todo else None  # rows: one per expert or selection
+        self.brackets: dict[int, tuple[int, int]] = {}  # selection -> [lo key, hi key)
+        self.candidates: dict[int, torch.Tensor] = {}
+        self.filled: dict[int, int] = {}
+        self.above: dict[int, int] = {}
+        self.missed: list[int] = []  # selections resolved by passes 2-3
+        self.hi: dict[int, tuple[int, int]] = {}  # pass 2: selection -> (hi bin, count above it)
+        self.nonfinite = 0
 
-    def add_hi(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
-        if self.todo:
-            radix_hist_hi([experts[e] for e in self.hi_experts], base=base,
-                          hist=self.hist[:len(self.hi_experts)])
+    # -- pass 0: hi histogram of the sample ------------------------------------------------------------------
+    def _end_sample(self) -> None:
+        row = {e: r for r, e in enumerate(self.hi_experts)}
+        for j in self.todo:
+            walk = _TopWalk(self.hist[row[self.src[j]]].numpy())
+            k = self.ks[j]
+            if self.shift == 0:  # the histogram of every key: the bracket is the k-th key's bin
+                hi_bin = lo_bin = walk.bin(k)[0]
+                expected = walk.count(hi_bin)
+            else:
+                sampled = walk.total
+                p = k / self.n
+                expect = p * sampled
+                margin = BRACKET_SIGMAS * math.sqrt(sampled * p * (1.0 - p)) + BRACKET_SLACK
+                top, bottom = math.floor(expect - margin), math.ceil(expect + margin)
+                if top < 1 or bottom > sampled:  # the bracket would reach past the sample's extremes
+                    self.missed.append(j)
+                    continue
+                (hi_bin, above_hi), (lo_bin, above_lo) = walk.bin(top), walk.bin(bottom)
+                in_sample = above_lo + walk.count(lo_bin) - above_hi  # sampled keys in bins lo_bin..hi_bin
+                expected = math.ceil(in_sample * (self.n / max(sampled, 1)) * CANDIDATE_HEADROOM) + 4096
+            if expected > CANDIDATE_CAP:
+                self.missed.append(j)
+                continue
+            self.brackets[j] = (lo_bin << 16, (hi_bin + 1) << 16)
+            self.candidates[j] = torch.empty(min(expected, CANDIDATE_CAP), dtype=torch.int32)
+            self.filled[j] = 0
+            self.above[j] = 0
 
-    def end_hi(self) -> None:
-        from .select import _walk_down
+    # -- pass 1: counts above, and the keys inside, each bracket ----------------------------------------------
+    def _add_bracket(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
+        sels = list(self.brackets)
+        filled, above, nonfinite = radix_bracket(
+            [experts[self.src[j]] for j in sels], [self.brackets[j][0] for j in sels],
+            [self.brackets[j][1] for j in sels], [self.candidates[j] for j in sels], [self.filled[j] for j in sels],
+            base=base)
+        for j, f, a in zip(sels, filled, above):
+            self.filled[j] = f
+            self.above[j] += a
+        # every expert selected for is read whole by this pass unless all its selections missed in pass 0
+        self.nonfinite += sum(nonfinite)
 
-        if self.todo:
-            row = {e: r for r, e in enumerate(self.hi_experts)}
-            self.hi = [_walk_down(self.hist[row[self.src[j]]], self.ks[j]) for j in self.todo]
-            # keys >= 0x7F800000 are |x - base| = Inf or NaN: a non-finite expert or base element
-            self.nonfinite = int(self.hist[:len(self.hi_experts), NONFINITE_HI_BIN:].sum())
-            self.hist.zero_()
+    def _end_bracket(self) -> None:
+        from .select import Threshold
 
-    def add_lo(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
-        if self.todo:
-            radix_hist_lo([experts[self.src[j]] for j in self.todo], [b for b, _ in self.hi], base=base,
-                          hist=self.hist)
+        for j in self.brackets:
+            count, buf = self.filled[j], self.candidates[j]
+            need = self.ks[j] - self.above[j]
+            if count > buf.numel() or need < 1 or need > count:  # overflowed, or the k-th key is outside
+                self.missed.append(j)
+                continue
+            keys = buf[:count]
+            key = int(torch.kthvalue(keys, count - need + 1).values)  # the need-th largest
+            keys_np = keys.numpy()
+            ties = need - int(np.count_nonzero(keys_np > key))
+            self.result[j] = Threshold(key=key, ties=ties, keep_all_ties=ties == int(np.count_nonzero(keys_np == key)))
+        self.candidates = {}
+        self.missed.sort()
+        if self.missed:
+            self.hist.numpy().fill(0)  # passes 2-3 histogram again
 
-    def end_lo(self) -> list:
-        from .select import Threshold, _walk_down
+    # -- passes 2-3: the plain hi and lo histograms, for the selections the bracket missed ---------------------
+    def _missed_experts(self) -> list[int]:
+        return sorted({self.src[j] for j in self.missed})
 
-        for r, j in enumerate(self.todo):
-            need = self.ks[j] - self.hi[r][1]
-            lo, above_lo = _walk_down(self.hist[r], need)
+    def _add_hi(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
+        rows = self._missed_experts()
+        radix_hist_hi([experts[e] for e in rows], base=base, hist=self.hist[:len(rows)])
+
+    def _end_hi(self) -> None:
+        rows = self._missed_experts()
+        row = {e: r for r, e in enumerate(rows)}
+        self.hi = {j: _TopWalk(self.hist[row[self.src[j]]].numpy()).bin(self.ks[j]) for j in self.missed}
+        # keys >= 0x7F800000 are |x - base| = Inf or NaN (experts the bracket pass did not read are among these)
+        self.nonfinite += int(self.hist[:len(rows), NONFINITE_HI_BIN:].numpy().sum())
+        self.hist.numpy().fill(0)
+
+    def _add_lo(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
+        radix_hist_lo([experts[self.src[j]] for j in self.missed], [self.hi[j][0] for j in self.missed], base=base,
+                      hist=self.hist[:len(self.missed)])
+
+    def _end_lo(self) -> None:
+        from .select import Threshold
+
+        for r, j in enumerate(self.missed):
+            need = self.ks[j] - self.hi[j][1]
+            lo, above_lo = _TopWalk(self.hist[r].numpy()).bin(need)
             ties = need - above_lo
-            self.result[j] = Threshold(key=(self.hi[r][0] << 16) | lo, ties=ties,
+            self.result[j] = Threshold(key=(self.hi[j][0] << 16) | lo, ties=ties,
                                        keep_all_ties=ties == int(self.hist[r, lo]))
-        if self.hist is not None:
+
+    def add(self, p: int, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
+        if p == 0:
+            radix_hist_hi([experts[e] for e in self.hi_experts], base=base, hist=self.hist[:len(self.hi_experts)],
+                          sample_shift=self.shift)
+        elif p == 1:
+            if self.brackets:
+                self._add_bracket(base, experts)
+        elif self.missed:
+            (self._add_hi if p == 2 else self._add_lo)(base, experts)
+
+    def end(self, p: int) -> None:
+        if p == 0:
+            self._end_sample()
+        elif p == 1:
+            self._end_bracket()
+        elif self.missed:
+            (self._end_hi if p == 2 else self._end_lo)()
+        if p == self.passes - 1 and self.hist is not None:
             _HIST_POOL.give(self.hist)
-        self.hist = None
+            self.hist = None
+
+    def run(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list:
+        """Every pass over one in-memory chunk; the thresholds."""
+        for p in range(self.passes):
+            self.add(p, base, experts)
+            self.end(p)
         return self.result
 
 
 def ties_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float]) -> list:
     """Exact magnitude thresholds of each task vector experts[j] - base (fp32) for its top-``density`` trim.
 
-    Two native histogram passes (hi, then lo within the k-th key's bin) over every expert that needs one
-    (``MagnitudeTopK`` on a single chunk). Returns one ``pymerge.ops.select.Threshold`` per expert, the same
+    ``MagnitudeTopK`` on a single chunk: a (sampled) hi histogram, then one bracket pass, over every expert
+    that needs one. Returns one ``pymerge.ops.select.Threshold`` per expert, the same
     key and ties as ``TopKSelector``, marked ``keep_all_ties`` when the kept ties are all the elements equal to
     the key.
     """
@@ -330,11 +501,7 @@ def ties_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor], densiti
     for j, d in enumerate(densities):
         if not d >= 0:
             raise ValueError(f"densities[{j}]: must be >= 0, got {d}")
-    sel = MagnitudeTopK([topk_count(float(d), base.numel()) for d in densities], base.numel())
-    sel.add_hi(base, experts)
-    sel.end_hi()
-    sel.add_lo(base, experts)
-    return sel.end_lo()
+    return MagnitudeTopK([topk_count(float(d), base.numel()) for d in densities], base.numel()).run(base, experts)
 
 
 def tie_cutoffs(base: torch.Tensor, experts: Sequence[torch.Tensor], thresh_keys: Sequence[int],

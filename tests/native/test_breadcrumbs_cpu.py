@@ -23,12 +23,7 @@ def native_breadcrumbs(base, experts, weights, densities, gammas, *, consensus, 
     for e, (d, g) in enumerate(zip(densities, gammas)):
         ks += breadcrumb_ks(d, g, n)
         src += [e, e]
-    sel = nc.MagnitudeTopK(ks, n, src)
-    if sel.passes:
-        sel.add_hi(base, experts)
-        sel.end_hi()
-        sel.add_lo(base, experts)
-    ths = sel.end_lo() if sel.passes else sel.result
+    ths = nc.MagnitudeTopK(ks, n, src).run(base, experts)
     keys = [th.key for th in ths]
     cutoffs, _ = nc.tie_cutoffs(base, [experts[s] for s in src], keys, [nc.tie_budget(th) for th in ths])
     return nc.ties_map(base, experts, weights, keys[0::2], cutoffs[0::2], inner_keys=keys[1::2],

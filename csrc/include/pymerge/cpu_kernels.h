@@ -39,10 +39,26 @@ void philox_keep_mask(uint64_t seed, uint32_t model, uint32_t name_hash, int64_t
 //   hi pass (hi_bins == nullptr): hist[j * 65536 + (key >> 16)] += 1 for every i < n;
 //   lo pass: hist[j * 65536 + (key & 0xFFFF)] += 1 for the i whose key >> 16 == hi_bins[j].
 // Counts are added to what hist holds. Per-thread private histograms, merged at the end: the result does not
-// depend on the thread count. Pre: k >= 1; n >= 0; xs[j] (and base) non-null when n > 0, all of `dtype`;
-// hist holds k * 65536 int64; 0 <= hi_bins[j] < 65536.
+// depend on the thread count. With sample_shift = s > 0 only a sample is counted: the elements i with
+// i % 4096 < 4096 >> s.
+// Pre: k >= 1; n >= 0; xs[j] (and base) non-null when n > 0, all of `dtype`; hist holds k * 65536 int64;
+// 0 <= hi_bins[j] < 65536; 0 <= sample_shift < 16.
 void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype, int64_t n,
-                const int32_t* hi_bins, int64_t* hist);
+                const int32_t* hi_bins, int64_t* hist, int sample_shift = 0);
+
+// The full-resolution pass of a bracketed top-k selection (pymerge/ops/native_cpu.py, MagnitudeTopK): for each
+// selection j < k over xs[j] (keys as in radix_hist, base subtracted when non-null), with the bracket
+// [lo_keys[j], hi_keys[j]):
+//   above[j] += #{i : key >= hi_keys[j]};  nonfinite[j] += #{i : key >= 0x7F800000 (|x - base| is Inf or NaN)};
+//   the keys inside the bracket are appended, as int32, to out[j][filled[j]..) in no particular order, and
+//   filled[j] grows by their count; keys past capacity[j] are counted but not stored (filled[j] > capacity[j]
+//   then says the buffer overflowed).
+// Several selections may read the same input. Counts and the multiset of stored keys (when none overflowed)
+// are independent of the thread count. Pre: k >= 1; n >= 0; pointers non-null when n > 0;
+// lo_keys[j] <= hi_keys[j] <= 2^31; out[j] holds capacity[j] int32.
+void radix_bracket(const void* const* xs, int64_t k, const void* base, DType dtype, int64_t n,
+                   const uint32_t* lo_keys, const uint32_t* hi_keys, int32_t* const* out, const int64_t* capacity,
+                   int64_t* filled, int64_t* above, int64_t* nonfinite);
 
 // ---- TIES map (trim, elect, disjoint mean) ----
 
