@@ -6,6 +6,10 @@ run times:
 - the read floor: every input byte read once, the faster of copying the tensors out of their memory maps and
   read() of the files, best of three passes after an untimed one that puts the files in the page cache (the
   page-cache floor, not the disk's);
+- the write floor: an output-sized file (the base model's tensor bytes) written and fsynced in the work
+  directory, best of two: every merge output is made durable, so its disk write is part of any merge. The
+  "x I/O floor" column divides by max(read floor, write floor), the time a merge that overlapped reading with
+  writing perfectly would still take;
 - ``pymerge.merge`` on each requested backend (``cpu``: the native kernels; ``torch``: the pure-torch oracle),
   in this process, on the same warm page cache;
 - ``mergekit-yaml`` on the very same YAML file, as a subprocess (its wall time includes its start-up, which
@@ -169,6 +173,26 @@ def read_floor(paths: List[Path], passes: int = 3) -> Floor:
     return res
 
 
+def write_floor(nbytes: int, directory: Path, passes: int = 2) -> float:
+    """Seconds to write ``nbytes`` into a new file in ``directory`` with 64 MiB write() calls and fsync it (the
+    durability every merge output gets), best of ``passes``; the file is removed after each."""
+    chunk = bytes(64 << 20)
+    best = float("inf")
+    for i in range(max(1, passes)):
+        path = directory / f".pymerge-write-floor-{os.getpid()}-{i}"
+        try:
+            t0 = time.perf_counter()
+            with open(path, "wb", buffering=0) as fh:
+                left = nbytes
+                while left > 0:
+                    left -= fh.write(memoryview(chunk)[: min(left, len(chunk))])
+                os.fsync(fh.fileno())
+            best = min(best, time.perf_counter() - t0)
+        finally:
+            path.unlink(missing_ok=True)
+    return best
+
+
 # ------------------------------------------------------------------------------------------ the tools
 
 @dataclass
@@ -183,10 +207,15 @@ class Run:
     note: Optional[str] = None
     peak_anon_mib: Optional[float] = None
     failed: bool = False
+    io_floor_seconds: Optional[float] = None  # max(read floor, write floor)
 
     @property
     def x_floor(self) -> Optional[float]:
         return None if self.seconds is None else self.seconds / self.floor_seconds
+
+    @property
+    def x_io_floor(self) -> Optional[float]:
+        return None if self.seconds is None or not self.io_floor_seconds else self.seconds / self.io_floor_seconds
 
 
 def native_support(method: str, tool: str) -> Optional[str]:
@@ -306,8 +335,8 @@ def format_table(runs: List[Run]) -> str:
     """One row per (method, tool): seconds, input GB/s, x floor, and how many times faster than mergekit."""
     mk = {r.method: r.seconds for r in runs if r.tool == "mergekit"}
     rss = any(r.peak_anon_mib is not None for r in runs)
-    head = (f"{'method':<17} {'tool':<14} {'seconds':>9} {'GB/s in':>8} {'x floor':>8} {'vs mergekit':>11}"
-            + (f" {'peak anon MiB':>13}" if rss else ""))
+    head = (f"{'method':<17} {'tool':<14} {'seconds':>9} {'GB/s in':>8} {'x floor':>8} {'x I/O floor':>11} "
+            f"{'vs mergekit':>11}" + (f" {'peak anon MiB':>13}" if rss else ""))
     lines = [head, "-" * len(head)]
     for r in runs:
         speed = None
@@ -315,7 +344,8 @@ def format_table(runs: List[Run]) -> str:
             speed = mk[r.method] / r.seconds
         gbps = None if r.seconds is None else r.input_bytes / r.seconds / 1e9
         line = (f"{r.method:<17} {r.tool:<14} {_fmt(r.seconds, '9.2f')} {_fmt(gbps, '8.3f')} "
-                f"{_fmt(r.x_floor, '8.2f')} {_fmt(speed, '10.1f') + ('x' if speed else ' '):>11}")
+                f"{_fmt(r.x_floor, '8.2f')} {_fmt(r.x_io_floor, '11.2f')} "
+                f"{_fmt(speed, '10.1f') + ('x' if speed else ' '):>11}")
         if rss:
             line += f" {_fmt(r.peak_anon_mib, '13.0f')}"
         if r.note:
@@ -421,6 +451,10 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> List[R
     all_s, all_b = floor.of(inputs)
     echo(f"read floor: {all_b / 1e9:.3f} GB in {all_s:.3f} s = {all_b / all_s / 1e9:.2f} GB/s "
          "(warm page cache; per model the best of 3 passes of mmap copy and of read())")
+    out_bytes = floor.of(inputs[:1])[1]  # the merged model has the base's tensors
+    wfloor = write_floor(out_bytes, work)
+    echo(f"write floor: {out_bytes / 1e9:.3f} GB written and fsynced in {wfloor:.3f} s = "
+         f"{out_bytes / wfloor / 1e9:.2f} GB/s (best of 2, in {work})")
     mk_startup = None
     if "mergekit" in opts.tools:
         mk_startup = mergekit_startup_seconds()
@@ -430,16 +464,20 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> List[R
     for label, cfg_path in jobs:
         used = config_inputs(cfg_path)
         floor_s, in_bytes = floor.of(used)
-        runs.append(Run(label, "read floor", floor_s, in_bytes, floor_s))
+        io_s = max(floor_s, wfloor)
+        runs.append(Run(label, "read floor", floor_s, in_bytes, floor_s, io_floor_seconds=io_s))
+        runs.append(Run(label, "write floor", wfloor, in_bytes, floor_s, io_floor_seconds=io_s))
         for tool in opts.tools:
             out = work / f"{label}-{tool}"
             if tool == "mergekit":
                 seconds, err = _best_of(opts.repeat, lambda: time_mergekit(cfg_path, out, work / f"{label}-mergekit.log"))
-                run = Run(label, "mergekit", seconds, in_bytes, floor_s, err, failed=err is not None)
+                run = Run(label, "mergekit", seconds, in_bytes, floor_s, err, failed=err is not None,
+                          io_floor_seconds=io_s)
             else:
                 why = native_support(label, tool) if opts.config is None else None
                 if why is not None:
-                    runs.append(Run(label, f"pymerge-{tool}", None, in_bytes, floor_s, f"n/a: {why}"))
+                    runs.append(Run(label, f"pymerge-{tool}", None, in_bytes, floor_s, f"n/a: {why}",
+                                    io_floor_seconds=io_s))
                     echo(f"  {label:<17} pymerge-{tool:<6} n/a ({why})")
                     continue
                 if opts.rss:
@@ -448,7 +486,8 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> List[R
                 else:
                     (seconds, err), peak = _best_of(opts.repeat, lambda: time_pymerge(cfg_path, out, tool,
                                                                                        opts.max_memory)), None
-                run = Run(label, f"pymerge-{tool}", seconds, in_bytes, floor_s, err, peak, failed=err is not None)
+                run = Run(label, f"pymerge-{tool}", seconds, in_bytes, floor_s, err, peak, failed=err is not None,
+                          io_floor_seconds=io_s)
             shutil.rmtree(out, ignore_errors=True)
             runs.append(run)
             echo(f"  {label:<17} {run.tool:<14} {_fmt(run.seconds, '.2f')} s"
@@ -457,15 +496,17 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> List[R
     echo("")
     echo(format_table(runs))
     echo("GB/s in: input bytes the method reads / seconds. x floor: seconds / read-floor seconds for those "
-         "inputs. vs mergekit: mergekit wall / pymerge wall (mergekit's includes its start-up, above)."
+         "inputs. x I/O floor: seconds / max(read floor, write floor). vs mergekit: mergekit wall / pymerge wall "
+         "(mergekit's includes its start-up, above)."
          + (" peak anon MiB: the highest RssAnon of the `pymerge run` process (heap, not mapped files)."
             if opts.rss else ""))
     if opts.json_path:
         opts.json_path.write_text(json.dumps({
             "machine": info, "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
             "read_floor": {"seconds": floor.seconds, "bytes": floor.nbytes},
+            "write_floor": {"seconds": wfloor, "bytes": out_bytes},
             "mergekit_startup_seconds": mk_startup,
-            "runs": [dict(asdict(r), x_floor=r.x_floor) for r in runs],
+            "runs": [dict(asdict(r), x_floor=r.x_floor, x_io_floor=r.x_io_floor) for r in runs],
         }, indent=2) + "\n")
         echo(f"wrote {opts.json_path}")
     return runs

@@ -20,7 +20,8 @@ def test_bench_tiny_preset_rows_and_json(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     rows = {(r["method"], r["tool"]): r for r in data["runs"]}
-    assert set(rows) == {(m, t) for m in ("ties", "slerp") for t in ("read floor", "pymerge-cpu", "pymerge-torch")}
+    assert set(rows) == {(m, t) for m in ("ties", "slerp")
+                         for t in ("read floor", "write floor", "pymerge-cpu", "pymerge-torch")}
     assert rows[("ties", "pymerge-torch")]["seconds"] > 0 and rows[("slerp", "pymerge-torch")]["seconds"] > 0
     # slerp has no native kernel: its cpu row says so instead of silently timing the torch backend
     assert rows[("slerp", "pymerge-cpu")]["seconds"] is None and "n/a" in rows[("slerp", "pymerge-cpu")]["note"]
@@ -30,6 +31,13 @@ def test_bench_tiny_preset_rows_and_json(tmp_path):
     # the floor covers exactly the models a method reads: slerp reads two of the four
     assert rows[("slerp", "read floor")]["input_bytes"] < rows[("ties", "read floor")]["input_bytes"]
     assert "x floor" in res.output and list((tmp_path / "work").glob("*-pymerge*")) == []
+    # the write floor: the base's tensor bytes written and fsynced, its file gone; the I/O floor is the larger
+    assert data["write_floor"]["bytes"] == data["read_floor"]["bytes"][sorted(data["read_floor"]["bytes"])[0]]
+    assert data["write_floor"]["seconds"] > 0 and list((tmp_path / "work").glob(".pymerge-write-floor*")) == []
+    for (method, tool), r in rows.items():
+        assert r["io_floor_seconds"] == max(rows[(method, "read floor")]["seconds"], data["write_floor"]["seconds"])
+        if r["seconds"] is not None:
+            assert r["x_io_floor"] == r["seconds"] / r["io_floor_seconds"]
 
 
 def test_bench_a_user_config_and_bad_names(tmp_path):
