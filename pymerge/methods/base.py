@@ -165,10 +165,11 @@ class TensorMerge:
     # Working memory a raw merge allocates per element of a chunk beyond its output (torch temporaries); the
     # executor counts it when it sizes the chunks.
     raw_scratch_per_element: float = 0.0
-    # A raw merge whose first reduce pass reads every element of every input may set ``finds_nonfinite``: the
-    # executor then skips its NaN/Inf scan and, when the NaN policy applies, sets ``nonfinite_found`` to a
-    # callable the merge must call at the end of that pass if its statistics saw a non-finite value (the
-    # callable raises the executor's MergeError naming the inputs, or returns when the inputs were finite).
+    # A raw merge that sees every non-finite input by itself (its reduce passes read every element of every
+    # input, or its output is non-finite wherever an input is) may set ``finds_nonfinite``: the executor then
+    # skips its NaN/Inf scan and, when the NaN policy applies, sets ``nonfinite_found`` to a callable the merge
+    # must call as soon as it has seen a non-finite value, before the map pass writes anything that depends on it
+    # (the callable raises the executor's MergeError naming the inputs, or returns when the inputs were finite).
     finds_nonfinite: bool = False
     nonfinite_found = None
 

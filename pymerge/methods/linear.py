@@ -37,9 +37,16 @@ class _LinearMerge(TensorMerge):
 
 
 class _NativeLinearMerge(_LinearMerge):
-    """The same sum on the native weighted-sum kernel, reading the stored bytes of every input once."""
+    """The same sum on the native weighted-sum kernel, reading the stored bytes of every input once.
+
+    A NaN or Inf input makes its output element NaN or Inf whatever the weights (NaN * w, Inf * 0 = NaN, and
+    fp32 sums and narrowing keep them), so the executor's scan of the inputs is replaced by a scan of each
+    output chunk, a quarter of the bytes for base + 3; only a chunk that has one scans the inputs, to name them
+    (and finite inputs whose sum overflowed are let through, as the scan would).
+    """
 
     raw_inputs = True
+    finds_nonfinite = True
 
     def __init__(self, job: TensorJob):
         super().__init__(job)
@@ -49,8 +56,11 @@ class _NativeLinearMerge(_LinearMerge):
     def map(self, chunk: Chunk) -> torch.Tensor:
         from ..ops import native_cpu
 
-        return native_cpu.weighted_sum(chunk.raw, self.weights, normalize=self.normalize,  # type: ignore[arg-type]
-                                       out_dtype=self.job.out_dtype)
+        out = native_cpu.weighted_sum(chunk.raw, self.weights, normalize=self.normalize,  # type: ignore[arg-type]
+                                      out_dtype=self.job.out_dtype)
+        if self.nonfinite_found is not None and native_cpu.count_nonfinite([out])[0]:
+            self.nonfinite_found()
+        return out
 
 
 class Linear(Method):

@@ -143,3 +143,27 @@ def test_native_ties_finds_nonfinite_in_its_histogram_pass(tmp_path, monkeypatch
     pymerge.merge(ties_config(clean), tmp_path / "ok-torch", quiet=True, backend="torch")
     assert (tmp_path / "ok" / "model.safetensors").read_bytes() == \
         (tmp_path / "ok-torch" / "model.safetensors").read_bytes()  # the same (overflowing) math as torch
+
+
+@pytest.mark.parametrize("backend,budget", [
+    ("torch", None),
+    pytest.param("cpu", None, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
+    pytest.param("cpu", 2048, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
+], ids=["torch", "cpu-resident", "cpu-chunked"])
+def test_linear_zero_weight_nan_is_caught_and_an_overflow_is_not_an_input_error(tmp_path, backend, budget):
+    """The native linear merge checks its output instead of its inputs: a NaN input with weight 0 still poisons
+    the output (NaN * 0 = NaN) and is named; finite inputs whose sum overflows to Inf are not an input error."""
+    paths = make_family(tmp_path / "f")
+    cfg = linear_config(paths)
+    cfg["models"][1]["parameters"]["weight"] = 0.0
+    poke(paths[1], MATRIX, {(60, 96): NAN})
+    with pytest.raises(MergeError, match=rf"model '{paths[1]}' \(input tensor '{MATRIX}': 1 NaN of 5917\)"):
+        pymerge.merge(cfg, tmp_path / "out", quiet=True, max_memory=budget, backend=backend)
+    assert not (tmp_path / "out").exists()
+    poke(paths[1], MATRIX, {(60, 96): 0.5})
+    big = 3.0e38  # finite in fp32; 3e38 * 1 + 3e38 * 3 overflows
+    poke(paths[0], MATRIX, {(5, 5): big})
+    poke(paths[2], MATRIX, {(5, 5): big})
+    pymerge.merge(cfg | {"parameters": {"normalize": False}}, tmp_path / "out2", quiet=True, max_memory=budget,
+                  backend=backend)
+    assert load_file(str(tmp_path / "out2" / "model.safetensors"))[MATRIX][5, 5] == INF
