@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "pymerge/cpu_kernels.h"
@@ -102,27 +103,28 @@ void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype,
   const int64_t num_blocks = (n + kParallelBlock - 1) / kParallelBlock;
   dispatch_dtype(dtype, [&](auto tag) {
     constexpr DType S = decltype(tag)::value;
-    if (num_blocks > 1) {
-      // Private uint32 histograms (kWays copies each) per thread, added into the int64 ones at the end.
+    auto count_parallel = [&](auto ways_tag) {
+      constexpr int64_t Ways = decltype(ways_tag)::value;
+      // Private uint32 histograms (Ways copies each) per thread, added into the int64 ones at the end.
       const int64_t bins = k * radix::kBins;
 #if defined(PYMERGE_WITH_OPENMP)
 #pragma omp parallel
 #endif
       {
-        std::vector<uint32_t> local(size_t(bins * kWays), 0u);
+        std::vector<uint32_t> local(size_t(bins * Ways), 0u);
         int64_t since_flush = 0;
-        auto flush = [&]() {
+        auto flush = [&](bool last) {
 #if defined(PYMERGE_WITH_OPENMP)
 #pragma omp critical(pymerge_radix_hist)
 #endif
           for (int64_t j = 0; j < k; ++j) {
-            for (int64_t w = 0; w < kWays; ++w) {
-              const uint32_t* src = local.data() + (j * kWays + w) * radix::kBins;
+            for (int64_t w = 0; w < Ways; ++w) {
+              const uint32_t* src = local.data() + (j * Ways + w) * radix::kBins;
               int64_t* dst = hist + j * radix::kBins;
               for (int64_t b = 0; b < radix::kBins; ++b) dst[b] += src[b];
             }
           }
-          std::fill(local.begin(), local.end(), 0u);
+          if (!last) std::fill(local.begin(), local.end(), 0u);
           since_flush = 0;
         };
 #if defined(PYMERGE_WITH_OPENMP)
@@ -130,12 +132,22 @@ void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype,
 #endif
         for (int64_t blk = 0; blk < num_blocks; ++blk) {
           const int64_t begin = blk * kParallelBlock;
-          hist_all<S, kWays>(xs, k, base, hi_bins, begin, std::min(n, begin + kParallelBlock), local.data(), shift);
-          // Every copy of a bin counts at most kParallelBlock / kWays per block; flushing every kFlushEvery
+          hist_all<S, Ways>(xs, k, base, hi_bins, begin, std::min(n, begin + kParallelBlock), local.data(), shift);
+          // Every copy of a bin counts at most kParallelBlock / Ways per block; flushing every kFlushEvery
           // blocks keeps each uint32 far from overflow.
-          if (++since_flush >= kFlushEvery) flush();
+          if (++since_flush >= kFlushEvery) flush(false);
         }
-        if (since_flush > 0) flush();
+        if (since_flush > 0) flush(true);
+      }
+    };
+    if (num_blocks > 1) {
+      // A sample counts 1/2^shift of the keys into the same bins: the copies' zeroing and merging, fixed costs
+      // per call, would outweigh the few repeated-bin chains they break (A/B, 3 x 16.8M bf16, shift 4, best of
+      // 18: four copies 3.3 ms, one 2.8 ms).
+      if (shift > 0) {
+        count_parallel(std::integral_constant<int64_t, 1>{});
+      } else {
+        count_parallel(std::integral_constant<int64_t, kWays>{});
       }
       return;
     }
