@@ -50,7 +50,8 @@ def test_memcpy(benchmark, bf16):
     _run(benchmark, "native:memcpy", copy, _bytes(base, experts))
 
 
-@pytest.mark.parametrize("op", ["count_nonfinite", "radix_hist_hi", "radix_hist_lo", "tie_cutoffs", "ties_map",
+@pytest.mark.parametrize("op", ["count_nonfinite", "radix_hist_hi", "radix_hist_lo", "radix_hist_hi_sampled",
+                                "radix_bracket", "topk_thresholds", "tie_cutoffs", "ties_map",
                                 "ties_map_no_consensus", "ties_map_band", "weighted_sum", "philox_keep_mask",
                                 "dare_l1_rows", "dare_map", "della_probs"])
 def test_native_op(benchmark, bf16, op):
@@ -58,13 +59,15 @@ def test_native_op(benchmark, bf16, op):
 
     base, experts = bf16
     n = base.numel()
-    sel = nc.MagnitudeTopK([nc.topk_count(DENSITY, n)] * len(experts), n)
-    sel.add_hi(base, experts)
-    sel.end_hi()
-    hi_bins = [b for b, _ in sel.hi]
-    sel.add_lo(base, experts)
-    ths = sel.end_lo()
+    ths = nc.ties_thresholds(base, experts, [DENSITY] * len(experts))
     keys = [th.key for th in ths]
+    hi_bins = [k >> 16 for k in keys]
+    # the bracket the sampled selection would use for these thresholds (MagnitudeTopK at its default settings)
+    probe = nc.MagnitudeTopK([nc.topk_count(DENSITY, n)] * len(experts), n)
+    probe.add(0, base, experts)
+    probe.end(0)
+    sels = sorted(probe.brackets)
+    candidates = [torch.empty(probe.candidates[j].numel(), dtype=torch.int32) for j in sels]
     budgets = [nc.tie_budget(th) for th in ths]
     cutoffs, _ = nc.tie_cutoffs(base, experts, keys, budgets)
     weights = [1.0] * len(experts)
@@ -75,6 +78,12 @@ def test_native_op(benchmark, bf16, op):
         "count_nonfinite": lambda: nc.count_nonfinite([base, *experts]),
         "radix_hist_hi": lambda: nc.radix_hist_hi(experts, base=base),
         "radix_hist_lo": lambda: nc.radix_hist_lo(experts, hi_bins, base=base),
+        # the sampled selection's passes: its hi histogram of a sample, its bracket pass, and all of it together
+        "radix_hist_hi_sampled": lambda: nc.radix_hist_hi(experts, base=base, sample_shift=probe.shift),
+        "radix_bracket": lambda: nc.radix_bracket([experts[j] for j in sels], [probe.brackets[j][0] for j in sels],
+                                                  [probe.brackets[j][1] for j in sels], candidates, [0] * len(sels),
+                                                  base=base),
+        "topk_thresholds": lambda: nc.ties_thresholds(base, experts, [DENSITY] * len(experts)),
         "tie_cutoffs": lambda: nc.tie_cutoffs(base, experts, keys, budgets),
         "ties_map": lambda: nc.ties_map(base, experts, weights, keys, cutoffs),
         "ties_map_no_consensus": lambda: nc.ties_map(base, experts, weights, [-1] * 3, [n] * 3, consensus=False,
