@@ -11,8 +11,8 @@
 Each product that needs A is one streamed pass over its row blocks, so A is never materialized: the state is
 Omega/Z [n, l] and Y/Q [m, l], i.e. O((m + n) * l) memory. Products with A, the sketches and their
 orthonormalization (Householder QR) run in float32, A's precision (task vectors are fp32 differences), as
-torch.svd_lowrank does; the small SVD of B and U = Q U_b run in float64 ("float64 core"); the factors are
-returned in float32.
+torch.svd_lowrank does; the small SVD of B runs in float64 ("float64 core": through the Gram matrix when
+well conditioned, ``core_svd``); U = Q U_b and the returned factors are float32.
 
 Determinism: the result is a function of (A, rank, oversample, power_iters, seed) only. Incoming row blocks of
 any size are re-cut into fixed canonical blocks of ``CANONICAL_ROWS`` rows before any arithmetic, and the fp64
@@ -107,6 +107,33 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
         return torch.linalg.qr(y, mode="reduced").Q
 
 
+# The core's SVD goes through the Gram matrix B B^T when every kept singular value is at least this fraction of
+# the largest: squaring the condition number then costs at most (1e4)^2 * 2^-52 ~ 2e-8 relative error in fp64,
+# below the fp32 rounding of the returned factors. Measured (266 x 2048 core, 2 threads): Gram + eigh ~12 ms,
+# torch.linalg.svd in fp64 49 ms.
+GRAM_MIN_RATIO = 1e-4
+
+
+def core_svd(b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``k`` SVD (U_b [l, k], S [k], Vh [k, n]) of the float64 core ``b`` [l, n], l <= n.
+
+    Through eigh of the l x l Gram matrix when the kept spectrum is well conditioned (``GRAM_MIN_RATIO``), else
+    ``torch.linalg.svd`` (rank-deficient cores keep orthonormal factors that way). The eigensolver runs on one
+    thread, so the result does not depend on the thread count.
+    """
+    gram = b @ b.T
+    with threads_for(0):
+        evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0), evecs.flip(1)  # descending
+    top = evals[:k].clamp_min(0).sqrt()
+    if k <= evals.numel() and float(top[0]) > 0 and float(top[-1]) >= GRAM_MIN_RATIO * float(top[0]):
+        ub = evecs[:, :k]
+        vh = (ub.T @ b) / top[:, None]
+        return ub, top, vh
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    return ub[:, :k], s[:k], vh[:k]
+
+
 class StreamedSVD:
     """Push-driven randomized SVD of an m x n matrix seen only as row blocks.
 
@@ -179,15 +206,15 @@ class StreamedSVD:
         self._device = device
         self._right32 = self._omega.to(device)
         self._omega = None
-        self._y = torch.zeros(self.m, self.l, dtype=torch.float32, device=device)
+        self._y = torch.empty(self.m, self.l, dtype=torch.float32, device=device)  # every row is set
 
     def _block(self, p: int, r0: int, a: torch.Tensor) -> None:
         """One canonical block of rows [r0, r0 + len(a)): the product this pass needs."""
         r1 = r0 + a.shape[0]
-        if p % 2 == 0:  # Y = A Omega  or  Y = A Z
-            self._y[r0:r1] = a @ self._right32
-        else:  # Z += A_blk^T Q_blk, in fixed row order
-            self._z += a.T @ self._q32[r0:r1]
+        if p % 2 == 0:  # Y = A Omega  or  Y = A Z, straight into Y's rows
+            torch.matmul(a, self._right32, out=self._y[r0:r1])
+        else:  # Z += A_blk^T Q_blk, in fixed row order, accumulated by the GEMM itself (no [n, l] temporary)
+            self._z.addmm_(a.T, self._q32[r0:r1])
 
     def end_pass(self, p: int) -> None:
         """Close pass ``p``: orthonormalize the sketch, or (last pass) take the small SVD."""
@@ -199,15 +226,15 @@ class StreamedSVD:
             self._z = torch.zeros(self.n, self.l, dtype=torch.float32, device=self._device)
         elif p == self.passes - 1:
             # the small SVD of B = Q^T A = Z^T [l, n] in float64 (the "float64 core")
-            ub, s, vh = torch.linalg.svd(self._z.T.to(torch.float64), full_matrices=False)
-            k = self.rank
-            u = self._q32.to(torch.float64) @ ub[:, :k]
-            self._result = (u.to(torch.float32), s[:k].to(torch.float32), vh[:k].to(torch.float32))
+            ub, s, vh = core_svd(self._z.T.to(torch.float64), self.rank)
+            # U = Q U_b in float32: Q holds fp32 columns already, so an fp64 product adds cost, not accuracy
+            u = self._q32 @ ub.to(torch.float32)
+            self._result = (u, s.to(torch.float32), vh.to(torch.float32))
             self._z = self._q32 = self._right32 = None
         else:
             self._right32 = orthonormalize(self._z)
             self._z = None
-            self._y = torch.zeros(self.m, self.l, dtype=torch.float32, device=self._device)
+            self._y = torch.empty(self.m, self.l, dtype=torch.float32, device=self._device)  # every row is set
         self._pass += 1
         self._next_row = 0
 
@@ -241,5 +268,5 @@ def randomized_svd(a: torch.Tensor | RowBlockSource, rank: int, *, oversample: i
     return svd.result()
 
 
-__all__ = ["CANONICAL_ROWS", "RowBlockSource", "TensorRowBlocks", "DifferenceRowBlocks", "StreamedSVD",
+__all__ = ["CANONICAL_ROWS", "core_svd", "RowBlockSource", "TensorRowBlocks", "DifferenceRowBlocks", "StreamedSVD",
            "orthonormalize", "randomized_svd"]

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from pymerge.errors import ConfigError, MergeError
-from pymerge.ops.randomized_svd import (DifferenceRowBlocks, StreamedSVD, TensorRowBlocks, orthonormalize,
+from pymerge.ops import randomized_svd as rsvd_module
+from pymerge.ops.randomized_svd import (DifferenceRowBlocks, StreamedSVD, TensorRowBlocks, core_svd, orthonormalize,
                                         randomized_svd)
 
 
@@ -185,3 +186,46 @@ def test_bad_inputs():
         svd.end_pass(0)
     with pytest.raises(MergeError, match="result"):
         StreamedSVD((10, 4), 2).result()
+
+
+@pytest.mark.parametrize("spectrum,k,route", [
+    (np.linspace(1.0, 0.01, 40), 30, "gram"),            # kept sigma >= 1e-4 sigma_1: through the Gram matrix
+    (np.logspace(0, -8, 40), 30, "svd"),                 # kept values down to ~1e-6 sigma_1: the plain SVD
+    (np.r_[np.linspace(1.0, 0.5, 10), np.zeros(30)], 20, "svd"),  # rank-deficient core
+    (np.logspace(0, -8, 40), 12, "gram"),                # only the well-conditioned head kept
+])
+def test_core_svd_against_numpy(spectrum, k, route, monkeypatch):
+    """The float64 core's top-k SVD: singular values, reconstruction and orthonormal factors against numpy, on
+    whichever route the conditioning picks (the route is checked by counting torch.linalg.svd calls)."""
+    l, n = len(spectrum), 263
+    b = torch.from_numpy(_known(l, n, spectrum, seed=k))
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: calls.append(1) or real_svd(*a, **kw))
+    ub, s, vh = core_svd(b, k)
+    assert (route == "svd") == bool(calls)
+    assert ub.shape == (l, k) and s.shape == (k,) and vh.shape == (k, n) and s.dtype == torch.float64
+    u_np, s_np, vh_np = np.linalg.svd(b.numpy(), full_matrices=False)
+    np.testing.assert_allclose(s.numpy(), s_np[:k], rtol=1e-9, atol=1e-12 * s_np[0])
+    live = s_np[:k] > 1e-6 * s_np[0]  # directions of (near-)zero singular values are arbitrary
+    recon = (ub[:, live] * s[live]) @ vh[live]
+    want = (u_np[:, :k][:, live] * s_np[:k][live]) @ vh_np[:k][live]
+    np.testing.assert_allclose(recon.numpy(), want, atol=1e-9 * s_np[0])
+    np.testing.assert_allclose((ub.T @ ub).numpy(), np.eye(k), atol=1e-9)
+    np.testing.assert_allclose((vh[live] @ vh[live].T).numpy(), np.eye(int(live.sum())), atol=1e-6)
+
+
+def test_core_svd_threshold_is_the_documented_ratio(monkeypatch):
+    spectrum = np.r_[1.0, np.full(9, 2e-4), np.full(10, 5e-5)]
+    b = torch.from_numpy(_known(20, 90, spectrum, seed=3))
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: calls.append(1) or real_svd(*a, **kw))
+    core_svd(b, 10)  # smallest kept 2e-4 >= 1e-4: Gram
+    assert not calls
+    core_svd(b, 11)  # 5e-5 < 1e-4: SVD
+    assert calls
+    monkeypatch.setattr(rsvd_module, "GRAM_MIN_RATIO", 1e-5)
+    calls.clear()
+    core_svd(b, 11)
+    assert not calls
