@@ -69,6 +69,10 @@ class NativeDareMerge(NativeTaskVectorMerge):
         self.sp = Sparsifier(method.sparsifier, job, self.experts, bool(p["rescale"]))
         self.della = method.sparsifier == "della_magprune"
         self.reduce_passes = self.sp.passes
+        # The rescale pass reads the base and every expert it masks; a NaN/Inf in any of them makes that row's
+        # fp64 sum of |tau| NaN/Inf (the sum of 2^31 fp32 magnitudes cannot overflow fp64), so when it masks every
+        # expert it replaces the executor's scan of the inputs.
+        self.finds_nonfinite = self.reduce_passes > 0 and not any(self.sp.dense)
         self.ids = [job.model_ids[i] for i in self.experts]
         self.native_ranks = self.della and ranks_natively(job)
         if self.della:
@@ -104,6 +108,8 @@ class NativeDareMerge(NativeTaskVectorMerge):
         norms = self.nc.dare_l1_rows(base, [experts[e] for e in todo], seed=self.job.seed,
                                      model_ids=[self.ids[e] for e in todo], tensor_name=self.job.name,
                                      probs=[probs[e] for e in todo], start=chunk.flat_start)
+        if self.nonfinite_found is not None and todo and not bool(torch.isfinite(norms[:, :, 0]).all()):
+            self.nonfinite_found()
         for row, e in enumerate(todo):
             self.sp.l1[e].add_rows(norms[row])
 

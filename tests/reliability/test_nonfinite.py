@@ -167,3 +167,38 @@ def test_linear_zero_weight_nan_is_caught_and_an_overflow_is_not_an_input_error(
     pymerge.merge(cfg | {"parameters": {"normalize": False}}, tmp_path / "out2", quiet=True, max_memory=budget,
                   backend=backend)
     assert load_file(str(tmp_path / "out2" / "model.safetensors"))[MATRIX][5, 5] == INF
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+@pytest.mark.parametrize("backend,budget", [
+    ("torch", None),
+    pytest.param("cpu", None, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
+    pytest.param("cpu", 2048, marks=pytest.mark.skipif(not _native_built(), reason="pymerge._C is not built")),
+], ids=["torch", "cpu-resident", "cpu-chunked"])
+def test_rescaled_dare_finds_nonfinite_inputs_in_its_l1_pass(tmp_path, method, backend, budget, monkeypatch):
+    """With rescale on, the native DARE/DELLA merges learn of NaN/Inf inputs from their L1 row sums (no separate
+    scan): the error still names every bad input with its counts, whichever expert or the base holds them."""
+    if backend == "cpu":
+        from pymerge.ops import native_cpu
+
+        def no_scan(xs):
+            raise AssertionError("the executor scanned the inputs: the L1 pass should have found them")
+        monkeypatch.setattr(native_cpu, "count_nonfinite", no_scan)
+    paths = make_family(tmp_path / "f", n_experts=3)
+    poke(paths[0], MATRIX, {(60, 96): INF})
+    poke(paths[3], MATRIX, {(0, 0): NAN, (30, 1): NAN})
+    cfg = {"merge_method": method, "base_model": str(paths[0]), "dtype": "float32",
+           "parameters": {"rescale": True},
+           "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}}
+                      for p in paths[1:]]}
+    if method == "dare_ties":
+        for m in cfg["models"]:
+            del m["parameters"]["epsilon"]
+    with pytest.raises(MergeError) as ei:
+        pymerge.merge(cfg, tmp_path / "out", quiet=True, max_memory=budget, backend=backend, seed=3)
+    msg = str(ei.value)
+    assert f"tensor '{MATRIX}'" in msg
+    assert f"model '{paths[0]}'" in msg and "1 Inf of 5917" in msg
+    assert f"model '{paths[3]}'" in msg and "2 NaN of 5917" in msg
+    assert f"model '{paths[1]}'" not in msg and f"model '{paths[2]}'" not in msg
+    assert not (tmp_path / "out").exists()
