@@ -839,7 +839,15 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
           }
         }
         const void* base = nullptr;
-        if (base_ptr != 0) base = reinterpret_cast<const void*>(checked_pointer(base_ptr, n, "base_ptr"));
+        if (base_ptr != 0) {
+          const uintptr_t b = checked_pointer(base_ptr, n, "base_ptr");
+          for (size_t i = 0; i < k; ++i) {
+            if (overlaps(b, n * pymerge::dtype_size(d), uintptr_t(outs[i]), capacities[i] * 4)) {
+              fail("base_ptr: overlaps out_ptrs[" + std::to_string(i) + "]; they must be separate buffers");
+            }
+          }
+          base = reinterpret_cast<const void*>(b);
+        }
         std::vector<int64_t> above(k, 0), nonfinite(k, 0);
         {
           py::gil_scoped_release release;

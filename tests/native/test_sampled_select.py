@@ -287,3 +287,36 @@ def test_whole_merge_with_sampling_writes_the_torch_backends_bytes(method, tiny_
         assert files.keys() == want.keys()
         for name in want:
             assert files[name] == want[name], (key, name)
+
+
+def test_bracket_binding_rejects_bad_arguments():
+    from pymerge._native import cpu_module
+
+    m = cpu_module()
+    x = torch.randn(100)
+    base = torch.randn(100)
+    out = torch.empty(50, dtype=torch.int32)
+    f32 = 0  # DTYPE_F32
+    good = dict(x_ptrs=[x.data_ptr()], dtype=f32, n=100, lo_keys=[0], hi_keys=[1 << 30], out_ptrs=[out.data_ptr()],
+                capacities=[50], filled=[0], base_ptr=base.data_ptr())
+    filled, above, nonfinite = m.radix_bracket(**good)
+    assert filled[0] + above[0] == 100 and nonfinite == [0]
+    bad = [
+        (dict(lo_keys=[0, 1]), "lo_keys: got 2 values"),
+        (dict(lo_keys=[5], hi_keys=[4]), "need 0 <= lo <= hi <= 2\\^31"),
+        (dict(hi_keys=[(1 << 31) + 1]), "need 0 <= lo <= hi"),
+        (dict(capacities=[-1]), "capacities\\[0\\]: must be >= 0"),
+        (dict(filled=[-3]), "filled\\[0\\]: must be >= 0"),
+        (dict(out_ptrs=[out.data_ptr() + 2]), "4-byte aligned"),
+        (dict(out_ptrs=[x.data_ptr()], capacities=[10]), "x_ptrs\\[0\\]: overlaps out_ptrs\\[0\\]"),
+        (dict(base_ptr=out.data_ptr() - 8), "base_ptr: overlaps out_ptrs\\[0\\]"),
+        (dict(x_ptrs=[]), "at least one input"),
+        (dict(dtype=7), "unknown dtype code 7"),
+        (dict(n=-1), "element count must be >= 0"),
+    ]
+    for change, message in bad:
+        args = dict(good, **change)
+        if "x_ptrs" in change:
+            args.update(lo_keys=[], hi_keys=[], out_ptrs=[], capacities=[], filled=[])
+        with pytest.raises(ValueError, match=message):
+            m.radix_bracket(**args)
