@@ -293,12 +293,14 @@ MAX_SAMPLE_SHIFT = 4
 # k-th key's rank in the sample, widened to whole hi bins; generous, because the sample is runs of 256+
 # elements rather than independent draws. The keys inside are copied out (int32): Gaussian-like task vectors
 # put 1-5% of their keys in the bracket at density 0.2-0.9 (16.8M elements, 1/16 sample). The buffer is sized
-# from the sample with CANDIDATE_HEADROOM, at most CANDIDATE_CAP keys (64 MB); a bracket expected to hold more,
-# or one whose buffer overflows, takes the plain two histogram passes instead.
+# from the sample with CANDIDATE_HEADROOM, at most CANDIDATE_CAP keys (16 MB per selection: with the hi
+# histograms, the selection's only memory beyond the executor's budget, and fixed, whatever the model size); a
+# bracket expected to hold more (e.g. a 128K x 4096 embedding), or one whose buffer overflows, takes the plain
+# two histogram passes instead.
 BRACKET_SIGMAS = 6.0
 BRACKET_SLACK = 32
 CANDIDATE_HEADROOM = 1.25
-CANDIDATE_CAP = 1 << 24
+CANDIDATE_CAP = 1 << 22
 
 
 def sample_shift(n: int) -> int:
