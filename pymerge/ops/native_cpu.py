@@ -292,7 +292,8 @@ MAX_SAMPLE_SHIFT = 4
 # The bracket spans the sample ranks k' +- (BRACKET_SIGMAS * sd + BRACKET_SLACK), sd the binomial deviation of the
 # k-th key's rank in the sample, widened to whole hi bins; generous, because the sample is runs of 256+
 # elements rather than independent draws. The keys inside are copied out (int32): Gaussian-like task vectors
-# put 1-5% of their keys in the bracket at density 0.2-0.9 (16.8M elements, 1/16 sample). The buffer is sized
+# put 0.6-1% of their keys in brackets of 3-9 hi bins at density 0.2-0.9 (measured on base + 3 x 16.8M bf16,
+# 1/16 sample). The buffer is sized
 # from the sample with CANDIDATE_HEADROOM, at most CANDIDATE_CAP keys (16 MB per selection: with the hi
 # histograms, the selection's only memory beyond the executor's budget, and fixed, whatever the model size); a
 # bracket expected to hold more (e.g. a 128K x 4096 embedding), or one whose buffer overflows, takes the plain
@@ -308,24 +309,6 @@ def sample_shift(n: int) -> int:
     if n < SAMPLE_MIN:
         return 0
     return max(0, min(MAX_SAMPLE_SHIFT, (n.bit_length() - 1) - SAMPLE_LOG2))
-
-
-class _TopWalk:
-    """Walks a histogram down from its top bin: one cumulative sum, then a binary search per rank."""
-
-    def __init__(self, hist: np.ndarray):
-        self.hist = hist
-        self.below = np.cumsum(hist[::-1])  # below[i] = count of bins >= size - 1 - i
-        self.total = int(self.below[-1])
-
-    def bin(self, k: int) -> tuple[int, int]:
-        """(b, count above b) for the highest bin b with count(bins >= b) >= k (1 <= k <= total), as
-        ``pymerge.ops.select._walk_down``."""
-        i = int(np.searchsorted(self.below, k, side="left"))
-        return self.hist.size - 1 - i, int(self.below[i - 1]) if i > 0 else 0
-
-    def count(self, b: int) -> int:
-        return int(self.hist[b])
 
 
 class MagnitudeTopK:
@@ -371,9 +354,11 @@ class MagnitudeTopK:
 
     # -- pass 0: hi histogram of the sample ------------------------------------------------------------------
     def _end_sample(self) -> None:
+        from .select import TopWalk
+
         row = {e: r for r, e in enumerate(self.hi_experts)}
         for j in self.todo:
-            walk = _TopWalk(self.hist[row[self.src[j]]].numpy())
+            walk = TopWalk(self.hist[row[self.src[j]]].numpy())
             k = self.ks[j]
             if self.shift == 0:  # the histogram of every key: the bracket is the k-th key's bin
                 hi_bin = lo_bin = walk.bin(k)[0]
@@ -439,9 +424,11 @@ class MagnitudeTopK:
         radix_hist_hi([experts[e] for e in rows], base=base, hist=self.hist[:len(rows)])
 
     def _end_hi(self) -> None:
+        from .select import TopWalk
+
         rows = self._missed_experts()
         row = {e: r for r, e in enumerate(rows)}
-        self.hi = {j: _TopWalk(self.hist[row[self.src[j]]].numpy()).bin(self.ks[j]) for j in self.missed}
+        self.hi = {j: TopWalk(self.hist[row[self.src[j]]].numpy()).bin(self.ks[j]) for j in self.missed}
         # keys >= 0x7F800000 are |x - base| = Inf or NaN (experts the bracket pass did not read are among these)
         self.nonfinite += int(self.hist[:len(rows), NONFINITE_HI_BIN:].numpy().sum())
         self.hist.numpy().fill(0)
@@ -451,11 +438,11 @@ class MagnitudeTopK:
                       hist=self.hist[:len(self.missed)])
 
     def _end_lo(self) -> None:
-        from .select import Threshold
+        from .select import Threshold, TopWalk
 
         for r, j in enumerate(self.missed):
             need = self.ks[j] - self.hi[j][1]
-            lo, above_lo = _TopWalk(self.hist[r].numpy()).bin(need)
+            lo, above_lo = TopWalk(self.hist[r].numpy()).bin(need)
             ties = need - above_lo
             self.result[j] = Threshold(key=(self.hi[j][0] << 16) | lo, ties=ties,
                                        keep_all_ties=ties == int(self.hist[r, lo]))

@@ -109,8 +109,8 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
 
 # The core's SVD goes through the Gram matrix B B^T when every kept singular value is at least this fraction of
 # the largest: squaring the condition number then costs at most (1e4)^2 * 2^-52 ~ 2e-8 relative error in fp64,
-# below the fp32 rounding of the returned factors. Measured (266 x 2048 core, 2 threads): Gram + eigh ~12 ms,
-# torch.linalg.svd in fp64 49 ms.
+# below the fp32 rounding of the returned factors. Measured (266 x n core, top 256, 2 threads): n = 2048 18.6 ms
+# against torch.linalg.svd's 55.8 ms in fp64; n = 4096 27.1 ms against 165 ms.
 GRAM_MIN_RATIO = 1e-4
 
 
@@ -126,7 +126,7 @@ def core_svd(b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch
         evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)  # descending
     top = evals[:k].clamp_min(0).sqrt()
-    if k <= evals.numel() and float(top[0]) > 0 and float(top[-1]) >= GRAM_MIN_RATIO * float(top[0]):
+    if float(top[0]) > 0 and float(top[-1]) >= GRAM_MIN_RATIO * float(top[0]):
         ub = evecs[:, :k]
         vh = (ub.T @ b) / top[:, None]
         return ub, top, vh
