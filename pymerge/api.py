@@ -189,15 +189,15 @@ def _run_in(out: ResumableOutputDir, plan: Plan, budget: int, *, quiet: bool,
             sharded.mark_written(name)
         writer.written += sum(pt.out_bytes for pt in plan.tensors if pt.name in done)
         committer = TensorCommitter(out.path, plan.shards, Journal(out.journal_path),
-                                    fault_after=fault_after_from_env(), resumed=resumed)
+                                    fault_after=fault_after_from_env(), resumed=resumed, digests=sharded.digest)
         stats = execute(plan, writer, max_memory=budget, progress=not quiet,  # type: ignore[arg-type]
                         allow_nonfinite=allow_nonfinite, skip=done, on_tensor_done=committer.tensor_done, gpu=gpu)
         committer.close()  # every merged tensor journaled: a crash from here on loses no tensor
         writer.close()
         writer.writer.write_index()
         _write_extras(plan, out.path)
-        # The journal already hashed every tensor's bytes (read back from disk): the manifest reuses those
-        # hashes, so only the headers and the small files are read again here.
+        # The journal already has every tensor's sha256 (hashed as written): the manifest reuses those hashes,
+        # so only the headers and the small files are read again here.
         write_manifest(out.path, plan.shards, pymerge_version=_version(), tensor_hashes=committer.entries())
         return stats, len(done), out.commit()
     except BaseException as e:

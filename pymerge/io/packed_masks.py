@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, MergeError
+from .direct_write import pwrite_all
 from .safetensors_reader import SafetensorsFile
 from .safetensors_writer import plan_shards
 
@@ -63,15 +64,6 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 def count_ones(packed: torch.Tensor) -> list[int]:
     """Set bits of each row of uint8 [rows, bytes] ``packed``."""
     return [int(c) for c in _POPCOUNT[packed.numpy()].sum(axis=-1)]
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(f"pwrite wrote {n} bytes")
-        view, offset = view[n:], offset + n
 
 
 class TensorBits:
@@ -155,7 +147,7 @@ class PackedMasksWriter:
         return self.layout.file_size
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        _pwrite_all(self.fd, data, offset)
+        pwrite_all(self.fd, data, offset)
 
     def tensor(self, name: str) -> TensorBits:
         """The bit appender of model tensor ``name`` (each tensor once)."""

@@ -202,7 +202,7 @@ def test_context_manager_abort_on_error_leaves_no_fds(tmp_path):
     with pytest.raises(RuntimeError):
         with ShardedWriter(tmp_path, shards) as w:
             raise RuntimeError("boom")
-    assert w._fds == []  # closed without the completeness check
+    assert w._files == []  # closed without the completeness check
 
 
 def test_empty_layout(tmp_path):
