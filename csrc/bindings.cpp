@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "pymerge/cpu_kernels.h"
+#include "pymerge/cpu_parallel.h"
 #include "pymerge/dtype.h"
 #include "pymerge/philox.h"
 #include "pymerge/radix_select.h"
@@ -678,6 +679,7 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
   m.attr("DTYPE_F32") = static_cast<int>(DType::F32);
   m.attr("DTYPE_F16") = static_cast<int>(DType::F16);
   m.attr("DTYPE_BF16") = static_cast<int>(DType::BF16);
+  m.attr("PARALLEL_BLOCK") = pymerge::cpu::kParallelBlock;
 
   m.def("build_info", &build_info,
         "How this extension was built: cuda_compiled, cuda_version, cuda_archs, cuda_max_inputs, openmp, "
@@ -792,9 +794,11 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
       "radix_bracket",
       [](const std::vector<int64_t>& x_ptrs, int dtype, int64_t n, const std::vector<int64_t>& lo_keys,
          const std::vector<int64_t>& hi_keys, const std::vector<int64_t>& out_ptrs,
-         const std::vector<int64_t>& capacities, const std::vector<int64_t>& filled, int64_t base_ptr) {
+         const std::vector<int64_t>& capacities, const std::vector<int64_t>& filled, int64_t base_ptr,
+         const std::vector<int64_t>& span_ptrs) {
         const size_t k = x_ptrs.size();
         if (k == 0) fail("x_ptrs: at least one input is required");
+        if (!span_ptrs.empty()) check_per_expert(k, span_ptrs.size(), "span_ptrs");
         check_per_expert(k, lo_keys.size(), "lo_keys");
         check_per_expert(k, hi_keys.size(), "hi_keys");
         check_per_expert(k, out_ptrs.size(), "out_ptrs");
@@ -848,18 +852,39 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
           }
           base = reinterpret_cast<const void*>(b);
         }
+        // one (start, count) int64 pair per block of kParallelBlock elements, for each selection
+        std::vector<int64_t*> spans;
+        const int64_t num_blocks = (n + pymerge::cpu::kParallelBlock - 1) / pymerge::cpu::kParallelBlock;
+        for (size_t j = 0; j < span_ptrs.size(); ++j) {
+          const std::string what = "span_ptrs[" + std::to_string(j) + "]";
+          const uintptr_t p = checked_pointer(span_ptrs[j], 2 * num_blocks, what);
+          if (p % alignof(int64_t) != 0) fail(what + ": must be 8-byte aligned (an int64 buffer)");
+          for (size_t i = 0; i < k; ++i) {
+            if (overlaps(p, int64_t(2 * num_blocks) * 8, uintptr_t(outs[i]), capacities[i] * 4)) {
+              fail(what + ": overlaps out_ptrs[" + std::to_string(i) + "]; they must be separate buffers");
+            }
+          }
+          for (size_t i = 0; i < j; ++i) {
+            if (overlaps(p, int64_t(2 * num_blocks) * 8, uintptr_t(spans[i]), int64_t(2 * num_blocks) * 8)) {
+              fail(what + ": overlaps span_ptrs[" + std::to_string(i) + "]");
+            }
+          }
+          spans.push_back(reinterpret_cast<int64_t*>(p));
+        }
         std::vector<int64_t> above(k, 0), nonfinite(k, 0);
         {
           py::gil_scoped_release release;
           pymerge::cpu::radix_bracket(inputs.data(), int64_t(k), base, d, n, los.data(), his.data(), outs.data(),
-                                      capacities.data(), fills.data(), above.data(), nonfinite.data());
+                                      capacities.data(), fills.data(), above.data(), nonfinite.data(),
+                                      spans.empty() ? nullptr : spans.data());
         }
         return py::make_tuple(fills, above, nonfinite);
       },
       py::arg("x_ptrs"), py::arg("dtype"), py::arg("n"), py::arg("lo_keys"), py::arg("hi_keys"), py::arg("out_ptrs"),
-      py::arg("capacities"), py::arg("filled"), py::arg("base_ptr") = 0,
+      py::arg("capacities"), py::arg("filled"), py::arg("base_ptr") = 0, py::arg("span_ptrs") = std::vector<int64_t>{},
       "Bracket pass of the sampled top-k (cpu_kernels.h): appends the keys in [lo_keys[j], hi_keys[j]) to the "
-      "int32 buffers; returns (filled, above, nonfinite) per input (filled > capacity: overflowed).");
+      "int32 buffers; returns (filled, above, nonfinite) per input (filled > capacity: overflowed). span_ptrs: "
+      "optional int64 buffers of 2 * ceil(n / PARALLEL_BLOCK), receiving each block's (start, count) in out.");
 
   m.def(
       "radix_hist_lo",

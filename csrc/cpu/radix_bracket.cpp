@@ -99,9 +99,9 @@ int64_t bracket_block(const Selection& sel, const void* base_ptr, int64_t begin,
 }
 
 // Appends a block's staged keys to the selection's buffer: reserve a range, copy what fits (filled may pass
-// capacity, which tells the caller the buffer overflowed).
-void publish(const Selection& sel, int64_t* filled, const uint32_t* staged, int64_t count) {
-  if (count == 0) return;
+// capacity, which tells the caller the buffer overflowed). Returns where the range starts.
+int64_t publish(const Selection& sel, int64_t* filled, const uint32_t* staged, int64_t count) {
+  if (count == 0) return 0;
   int64_t at;
 #if defined(PYMERGE_WITH_OPENMP)
 #pragma omp atomic capture
@@ -110,16 +110,17 @@ void publish(const Selection& sel, int64_t* filled, const uint32_t* staged, int6
     at = *filled;
     *filled += count;
   }
-  if (at >= sel.capacity) return;
+  if (at >= sel.capacity) return at;
   const int64_t fit = std::min(count, sel.capacity - at);
   std::memcpy(sel.out + at, staged, size_t(fit) * sizeof(uint32_t));
+  return at;
 }
 
 }  // namespace
 
 void radix_bracket(const void* const* xs, int64_t k, const void* base, DType dtype, int64_t n,
                    const uint32_t* lo_keys, const uint32_t* hi_keys, int32_t* const* out, const int64_t* capacity,
-                   int64_t* filled, int64_t* above, int64_t* nonfinite) {
+                   int64_t* filled, int64_t* above, int64_t* nonfinite, int64_t* const* spans) {
   if (n <= 0 || k <= 0) return;
   std::vector<Selection> sels(static_cast<size_t>(k));
   for (int64_t j = 0; j < k; ++j) sels[j] = Selection{xs[j], lo_keys[j], hi_keys[j] - lo_keys[j], out[j], capacity[j]};
@@ -142,7 +143,11 @@ void radix_bracket(const void* const* xs, int64_t k, const void* base, DType dty
         for (int64_t j = 0; j < k; ++j) {
           const int64_t count =
               bracket_block<S>(sels[j], base, begin, end, &my_above[j], &my_nonfinite[j], staged.data());
-          publish(sels[j], &filled[j], staged.data(), count);
+          const int64_t at = publish(sels[j], &filled[j], staged.data(), count);
+          if (spans != nullptr && spans[j] != nullptr) {
+            spans[j][2 * blk] = at;
+            spans[j][2 * blk + 1] = count;
+          }
         }
       }
 #if defined(PYMERGE_WITH_OPENMP)

@@ -9,7 +9,8 @@ Covered (everything else runs on the torch merge, or is an error when the cpu ba
   breadcrumbs(_ties) the same with two thresholds per expert (keep the top k_outer minus the top k_inner),
                     both selections sharing the expert's hi histogram; rescale off, election by sum
 The thresholds and tie counts equal the torch ``TopKSelector``'s; ties at a threshold are kept by lowest flat
-index through ``tie_cutoffs``, carried from chunk to chunk in row order, so any chunking gives the same bits.
+index through ``native_cpu.TieScan`` (``tie_cutoffs`` from the block the bracket pass located the last kept tie
+in), carried from chunk to chunk in row order, so any chunking gives the same bits.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class NativeGTAMerge(NativeTaskVectorMerge):
         # keys (a NaN base makes every key NaN); when that is every expert, the separate scan is not needed.
         self.finds_nonfinite = self.reduce_passes > 0 and len(self.select.hi_experts) == len(self.experts)
         self.thresholds = self.select.result if not self.reduce_passes else None
-        self.budgets: list[int] = []
+        self.ties = None  # native_cpu.TieScan, made by the first map chunk
 
     def reduce(self, p: int, chunk: Chunk) -> None:
         base, experts = self._inputs(chunk)
@@ -85,16 +86,10 @@ class NativeGTAMerge(NativeTaskVectorMerge):
 
     def map(self, chunk: Chunk) -> torch.Tensor:
         base, experts = self._inputs(chunk)
-        ths = self.thresholds
-        keys = [th.key for th in ths]
-        if not self.budgets:  # the first chunk of the map pass
-            self.budgets = [self.nc.tie_budget(th) for th in ths]
-        n = chunk.numel
-        if any(b > 0 for b in self.budgets):
-            cutoffs, self.budgets = self.nc.tie_cutoffs(base, [experts[e] for e in self.select.src], keys,
-                                                        self.budgets)
-        else:  # -1 keeps every tie (cutoff past the end), 0 keeps none
-            cutoffs = [n if b < 0 else -1 for b in self.budgets]
+        keys = [th.key for th in self.thresholds]
+        if self.ties is None:  # the first chunk of the map pass
+            self.ties = self.select.tie_scan()
+        cutoffs = self.ties.cutoffs(base, [experts[e] for e in self.select.src], chunk.flat_start)
         kw = dict(lambda_=self.lam, normalize=self.normalize, consensus=self.consensus, out_dtype=self.job.out_dtype)
         if self.band:
             return self.nc.ties_map(base, experts, self.weights, keys[0::2], cutoffs[0::2], inner_keys=keys[1::2],

@@ -207,24 +207,39 @@ def radix_hist_hi(xs: Sequence[torch.Tensor], *, base: Optional[torch.Tensor] = 
     return out
 
 
+def bracket_blocks(n: int) -> int:
+    """How many (start, count) spans ``radix_bracket`` reports for n elements: one per kernel block."""
+    return -(-int(n) // require_cpu("the native radix bracket pass").PARALLEL_BLOCK)
+
+
 def radix_bracket(xs: Sequence[torch.Tensor], lo_keys: Sequence[int], hi_keys: Sequence[int],
-                  outs: Sequence[torch.Tensor], filled: Sequence[int], *, base: Optional[torch.Tensor] = None
-                  ) -> tuple[list[int], list[int], list[int]]:
+                  outs: Sequence[torch.Tensor], filled: Sequence[int], *, base: Optional[torch.Tensor] = None,
+                  spans: Optional[torch.Tensor] = None) -> tuple[list[int], list[int], list[int]]:
     """(filled, above, nonfinite): for each xs[j] (keys as in ``radix_hist_hi``; several entries may be the same
     tensor), ``above[j]`` = #(key >= hi_keys[j]), ``nonfinite[j]`` = #(key >= 0x7F800000), and the keys in
-    [lo_keys[j], hi_keys[j]) appended to the int32 buffer ``outs[j]`` from ``filled[j]`` on, in no particular
-    order. The returned filled[j] counts every such key; > outs[j].numel() means the buffer overflowed (the
-    keys past its end were dropped)."""
+    [lo_keys[j], hi_keys[j]) appended to the int32 buffer ``outs[j]`` from ``filled[j]`` on. The returned
+    filled[j] counts every such key; > outs[j].numel() means the buffer overflowed (the keys past its end were
+    dropped). Each block of ``PARALLEL_BLOCK`` elements stores its keys contiguously in flat order, the blocks
+    in no particular order; ``spans`` (int64 [len(xs), bracket_blocks(n), 2]), when given, receives each
+    block's (start in outs[j], count)."""
     native = require_cpu("the native radix bracket pass")
     first = _check_same(xs, "xs", base)
     for j, o in enumerate(outs):
         check_tensor(o, f"outs[{j}]", "cpu")
         if o.dtype != torch.int32 or o.dim() != 1:
             raise ValueError(f"outs[{j}]: expected a 1-D int32 tensor, got {o.dtype} {tuple(o.shape)}")
+    span_ptrs = []
+    if spans is not None:
+        check_tensor(spans, "spans", "cpu")
+        want = (len(xs), bracket_blocks(first.numel()), 2)
+        if spans.dtype != torch.int64 or tuple(spans.shape) != want or not spans.is_contiguous():
+            raise ValueError(f"spans: expected a contiguous int64 tensor of shape {want}, got {spans.dtype} "
+                             f"{tuple(spans.shape)}")
+        span_ptrs = [spans[j].data_ptr() for j in range(len(xs))]
     f, above, nonfinite = native.radix_bracket(
         [x.data_ptr() for x in xs], dtype_code(first.dtype, "xs"), first.numel(), [int(v) for v in lo_keys],
         [int(v) for v in hi_keys], [o.data_ptr() for o in outs], [o.numel() for o in outs], [int(v) for v in filled],
-        0 if base is None else base.data_ptr())
+        0 if base is None else base.data_ptr(), span_ptrs)
     return list(f), list(above), list(nonfinite)
 
 
@@ -351,6 +366,12 @@ class MagnitudeTopK:
         self.missed: list[int] = []  # selections resolved by passes 2-3
         self.hi: dict[int, tuple[int, int]] = {}  # pass 2: selection -> (hi bin, count above it)
         self.nonfinite = 0
+        # pass 1: (flat offset of the chunk, its blocks' (start, count) spans per bracketed selection)
+        self._spans: list[tuple[int, torch.Tensor]] = []
+        self._offset = 0
+        # selection -> (flat index of the block where its kept ties run out, how many of that block's ties are
+        # kept): found from pass 1's stored keys, so the map's tie scan reads one block instead of the tensor
+        self._tie_blocks: dict[int, tuple[int, int]] = {}
 
     # -- pass 0: hi histogram of the sample ------------------------------------------------------------------
     def _end_sample(self) -> None:
@@ -386,10 +407,13 @@ class MagnitudeTopK:
     # -- pass 1: counts above, and the keys inside, each bracket ----------------------------------------------
     def _add_bracket(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
         sels = list(self.brackets)
+        spans = torch.empty((len(sels), bracket_blocks(base.numel()), 2), dtype=torch.int64)
         filled, above, nonfinite = radix_bracket(
             [experts[self.src[j]] for j in sels], [self.brackets[j][0] for j in sels],
             [self.brackets[j][1] for j in sels], [self.candidates[j] for j in sels], [self.filled[j] for j in sels],
-            base=base)
+            base=base, spans=spans)
+        self._spans.append((self._offset, spans))
+        self._offset += base.numel()
         for j, f, a in zip(sels, filled, above):
             self.filled[j] = f
             self.above[j] += a
@@ -409,11 +433,34 @@ class MagnitudeTopK:
             key = int(torch.kthvalue(keys, count - need + 1).values)  # the need-th largest
             keys_np = keys.numpy()
             ties = need - int(np.count_nonzero(keys_np > key))
-            self.result[j] = Threshold(key=key, ties=ties, keep_all_ties=ties == int(np.count_nonzero(keys_np == key)))
+            equal = keys_np == key
+            all_ties = ties == int(np.count_nonzero(equal))
+            self.result[j] = Threshold(key=key, ties=ties, keep_all_ties=all_ties)
+            if not all_ties:
+                self._tie_blocks[j] = self._tie_block(list(self.brackets).index(j), equal, ties)
         self.candidates = {}
+        self._spans = []
         self.missed.sort()
         if self.missed:
             self.hist.numpy().fill(0)  # passes 2-3 histogram again
+
+    def _tie_block(self, row: int, equal: np.ndarray, ties: int) -> tuple[int, int]:
+        """(flat index of the block holding the ``ties``-th key equal to the threshold in flat order, how many
+        of the block's equal keys are kept), from the equal flags of the stored keys and pass 1's spans (row
+        ``row`` of each chunk's span table): every tie lies in the bracket, so the stored keys hold them all."""
+        at_equal = np.concatenate(([0], np.cumsum(equal, dtype=np.int64)))
+        seen = 0
+        block = require_cpu("the native radix bracket pass").PARALLEL_BLOCK
+        for offset, spans in self._spans:
+            sp = spans[row].numpy()
+            per_block = at_equal[sp[:, 0] + sp[:, 1]] - at_equal[sp[:, 0]]
+            cum = np.cumsum(per_block)
+            if seen + int(cum[-1]) >= ties:
+                b = int(np.searchsorted(cum, ties - seen))  # first block whose running count reaches it
+                before = seen + (int(cum[b - 1]) if b else 0)
+                return offset + b * block, ties - before
+            seen += int(cum[-1])
+        raise AssertionError("the stored keys hold fewer ties than the threshold keeps")
 
     # -- passes 2-3: the plain hi and lo histograms, for the selections the bracket missed ---------------------
     def _missed_experts(self) -> list[int]:
@@ -468,12 +515,61 @@ class MagnitudeTopK:
             _HIST_POOL.give(self.hist)
             self.hist = None
 
+    def tie_scan(self) -> "TieScan":
+        """The map pass's tie cutoffs for ``result`` (call after the last pass)."""
+        starts, budgets = [], []
+        for j, th in enumerate(self.result):
+            start, budget = self._tie_blocks.get(j, (0, tie_budget(th)))
+            starts.append(start)
+            budgets.append(budget)
+        return TieScan([th.key for th in self.result], budgets, starts)
+
     def run(self, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list:
         """Every pass over one in-memory chunk; the thresholds."""
         for p in range(self.passes):
             self.add(p, base, experts)
             self.end(p)
         return self.result
+
+
+class TieScan:
+    """Flat-order tie cutoffs for the map pass, chunk by chunk: selection j keeps every key equal to keys[j] at a
+    flat index below starts[j], then the first budgets[j] of those from starts[j] on (-1: every one).
+
+    ``cutoffs(base, xs, offset)`` gives, for the chunk of ``base.numel()`` elements starting at flat index
+    ``offset``, the per-selection cutoff that ``ties_map`` applies (keep ties at chunk index <= cutoff). Chunks
+    come in flat order. A selection whose cutoff is not found yet scans (``tie_cutoffs``) only from its start,
+    so a start from ``MagnitudeTopK`` (the block holding the last kept tie) scans at most one block.
+    """
+
+    def __init__(self, keys: Sequence[int], budgets: Sequence[int], starts: Sequence[int]):
+        self.keys = [int(k) for k in keys]
+        self.budgets = [int(b) for b in budgets]
+        self.starts = [int(s) for s in starts]
+        # flat index of the last kept tie once known (start - 1 when the budget is 0)
+        self.found: list[Optional[int]] = [s - 1 if b == 0 else None for s, b in zip(self.starts, self.budgets)]
+
+    def cutoffs(self, base: torch.Tensor, xs: Sequence[torch.Tensor], offset: int) -> list[int]:
+        n = base.numel()
+        out = []
+        for j, x in enumerate(xs):
+            if self.budgets[j] < 0:
+                out.append(n)  # every tie is kept
+                continue
+            if self.found[j] is None and self.starts[j] < offset + n:
+                a = max(self.starts[j] - offset, 0)
+                (cut,), (left,) = tie_cutoffs(base.reshape(-1)[a:], [x.reshape(-1)[a:]], [self.keys[j]],
+                                              [self.budgets[j]])
+                if left == 0:
+                    self.found[j] = offset + a + cut
+                else:  # fewer ties in the rest of this chunk than the budget: the next chunk goes on
+                    self.budgets[j], self.starts[j] = left, offset + n
+            last = self.found[j]
+            if last is None:
+                out.append(n)  # the last kept tie is in a later chunk
+            else:
+                out.append(min(max(last - offset, -1), n))
+        return out
 
 
 def ties_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float]) -> list:

@@ -114,6 +114,49 @@ def test_bracket_counts_and_copies_every_key_inside(dtype, n):
         assert torch.equal(torch.sort(stored).values, torch.sort(inside.to(torch.int32)).values), f"selection {j}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 65536, 4 * 65536 + 4099])
+def test_bracket_spans_hold_each_blocks_keys_in_flat_order(dtype, n):
+    nc = _nc()
+    block = nc.require_cpu("test").PARALLEL_BLOCK
+    base, experts = _gauss(n, dtype, seed=n + 1)
+    sels = [0, 2, 0]
+    keys = [_keys(experts[s], base).long() for s in sels]
+    lo = [max(0, int(k.float().median()) - (2 << 16)) for k in keys]
+    hi = [lo[0] + (4 << 16), lo[1] + (1 << 16), 1 << 31]
+    filled = [0, 5, 0]
+    outs = [torch.full((n + 8,), -1, dtype=torch.int32) for _ in sels]
+    spans = torch.full((len(sels), nc.bracket_blocks(n), 2), -7, dtype=torch.int64)
+    got, _, _ = nc.radix_bracket([experts[s] for s in sels], lo, hi, outs, filled, base=base, spans=spans)
+    for j, k in enumerate(keys):
+        covered = torch.zeros(n + 8, dtype=torch.bool)
+        for b in range(spans.shape[1]):
+            blk = k[b * block:(b + 1) * block]
+            want = blk[(blk >= lo[j]) & (blk < hi[j])].to(torch.int32)
+            at, count = spans[j, b].tolist()
+            assert count == want.numel(), (j, b)
+            if count:
+                assert torch.equal(outs[j][at:at + count], want), (j, b)  # flat order inside the block
+                assert not covered[at:at + count].any()
+                covered[at:at + count] = True
+        assert int(covered.sum()) == got[j] - filled[j] and not covered[:filled[j]].any()
+
+
+def test_bracket_spans_are_checked():
+    nc = _nc()
+    x, base = torch.randn(70000), torch.randn(70000)
+    out = torch.empty(100, dtype=torch.int32)
+    with pytest.raises(ValueError, match="spans: expected a contiguous int64 tensor of shape \\(1, 2, 2\\)"):
+        nc.radix_bracket([x], [0], [10], [out], [0], base=base, spans=torch.empty(1, 1, 2, dtype=torch.int64))
+    m = nc.require_cpu("test")
+    args = dict(x_ptrs=[x.data_ptr()], dtype=0, n=70000, lo_keys=[0], hi_keys=[10], out_ptrs=[out.data_ptr()],
+                capacities=[100], filled=[0], base_ptr=base.data_ptr())
+    with pytest.raises(ValueError, match="span_ptrs: got 2 values"):
+        m.radix_bracket(**args, span_ptrs=[1, 2])
+    with pytest.raises(ValueError, match="span_ptrs\\[0\\]: overlaps out_ptrs\\[0\\]"):
+        m.radix_bracket(**args, span_ptrs=[out.data_ptr()])
+
+
 def test_bracket_reports_overflow_and_stores_only_what_fits():
     n = 3 * 65536
     base, experts = _gauss(n, torch.float32, seed=5)
@@ -320,3 +363,71 @@ def test_bracket_binding_rejects_bad_arguments():
             args.update(lo_keys=[], hi_keys=[], out_ptrs=[], capacities=[], filled=[])
         with pytest.raises(ValueError, match=message):
             m.radix_bracket(**args)
+
+
+# ---- tie cutoffs -------------------------------------------------------------------------------------------
+
+def _kept_mask(keys, key, ties):
+    """The oracle: keys > key, plus the first ``ties`` keys == key in flat order."""
+    equal = keys == key
+    return (keys > key) | (equal & (torch.cumsum(equal.long(), 0) <= ties))
+
+
+def _masks_from_cutoffs(scan, base, xs, keys, bounds):
+    """Each selection's kept mask from ``scan``'s cutoffs, asked chunk by chunk as the map pass does."""
+    parts = [[] for _ in xs]
+    for a, b in zip(bounds, bounds[1:]):
+        cuts = scan.cutoffs(base[a:b], [x[a:b] for x in xs], a)
+        idx = torch.arange(b - a)
+        for j, (k, key) in enumerate(zip(keys, scan.keys)):
+            parts[j].append((k[a:b] > key) | ((k[a:b] == key) & (idx <= cuts[j])))
+    return [torch.cat(p) for p in parts]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tie_scan_keeps_the_oracles_ties_for_any_start_and_chunking(seed):
+    nc = _nc()
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 300_000, (1,), generator=g))
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    x = torch.randint(-2, 3, (n,), generator=g).to(torch.bfloat16)
+    keys = _keys(x, base)
+    key = int(magnitude_keys(torch.tensor([1.0])))
+    positions = torch.nonzero(keys == key).reshape(-1)
+    total = positions.numel()
+    bounds = sorted({0, n, *torch.randint(0, n + 1, (int(torch.randint(0, 6, (1,), generator=g)),),
+                                          generator=g).tolist()})
+    cases = [(0, -1), (0, 0), (0, total), (0, max(total // 3, 1))]
+    if total:
+        r = int(torch.randint(0, total, (1,), generator=g))
+        start = int(positions[r]) - int(torch.randint(0, 40, (1,), generator=g))
+        cases.append((max(start, 0), total - int((positions < max(start, 0)).sum())))
+        cases.append((max(start, 0), 1))
+    for start, budget in cases:
+        scan = nc.TieScan([key], [budget], [start])
+        (got,) = _masks_from_cutoffs(scan, base, [x], [keys], bounds)
+        before = int((positions < start).sum())
+        want = _kept_mask(keys, key, total if budget < 0 else before + budget)
+        assert torch.equal(got, want), (n, bounds, start, budget)
+
+
+@pytest.mark.parametrize("chunks,map_chunks", [(1, 1), (3, 1), (1, 4), (5, 3)])
+def test_tie_scan_from_the_bracket_matches_the_torch_selection(chunks, map_chunks, sample_small):
+    """bf16 task vectors with few distinct magnitudes: the k-th key has ties in many blocks, and the kept ones
+    run out in a block past the first, so the scan starts there."""
+    n = 6 * 65536 + 1234
+    g = torch.Generator().manual_seed(12)
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    experts = [(torch.randint(-40, 41, (n,), generator=g) / 8).to(torch.bfloat16) for _ in range(3)]
+    ks = [sample_small.topk_count(d, n) for d in (0.3, 0.55, 0.8)]
+    sel = _select(base, experts, ks, chunks=chunks)
+    want = _reference(base, experts, ks)
+    _assert_same_thresholds(sel.result, want)
+    assert sel.missed == [] and sorted(sel._tie_blocks) == [0, 1, 2]
+    assert any(start > 0 for start, _ in sel._tie_blocks.values())  # the scan skips the leading blocks
+    scan = sel.tie_scan()
+    bounds = torch.linspace(0, n, map_chunks + 1).long().tolist()
+    keys = [_keys(x, base) for x in experts]
+    got = _masks_from_cutoffs(scan, base, experts, keys, bounds)
+    for j, (k, mask) in enumerate(zip(keys, got)):
+        assert torch.equal(mask, _kept_mask(k, want[j].key, want[j].ties)), j

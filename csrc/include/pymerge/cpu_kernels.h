@@ -53,12 +53,16 @@ void radix_hist(const void* const* xs, int64_t k, const void* base, DType dtype,
 //   the keys inside the bracket are appended, as int32, to out[j][filled[j]..) in no particular order, and
 //   filled[j] grows by their count; keys past capacity[j] are counted but not stored (filled[j] > capacity[j]
 //   then says the buffer overflowed).
-// Several selections may read the same input. Counts and the multiset of stored keys (when none overflowed)
-// are independent of the thread count. Pre: k >= 1; n >= 0; pointers non-null when n > 0;
+// The keys of one block of kParallelBlock elements (cpu_parallel.h) are stored contiguously, in flat order;
+// when spans (or spans[j]) is non-null, spans[j][2b] and spans[j][2b + 1] receive where block b's keys start in
+// out[j] and how many there are (ceil(n / kParallelBlock) blocks): with them the caller finds which block holds
+// the r-th key equal to some value in flat order without reading the data again (the TIES tie cutoff).
+// Several selections may read the same input. Counts, the multiset of stored keys and each block's keys (when
+// none overflowed) are independent of the thread count. Pre: k >= 1; n >= 0; pointers non-null when n > 0;
 // lo_keys[j] <= hi_keys[j] <= 2^31; out[j] holds capacity[j] int32.
 void radix_bracket(const void* const* xs, int64_t k, const void* base, DType dtype, int64_t n,
                    const uint32_t* lo_keys, const uint32_t* hi_keys, int32_t* const* out, const int64_t* capacity,
-                   int64_t* filled, int64_t* above, int64_t* nonfinite);
+                   int64_t* filled, int64_t* above, int64_t* nonfinite, int64_t* const* spans = nullptr);
 
 // ---- TIES map (trim, elect, disjoint mean) ----
 
