@@ -13,8 +13,8 @@ Per expert with density d over n elements:
   della_magprune      d >= 1: keep all; d <= 0: none; else p = (d - eps) + 2*eps * rank/(shape[1] - 1)
                       with rank the stable ascending rank of |tau| along dim 1 (a vector: one row); keep iff u < p
 ``rescale`` multiplies the kept values of a sparsified expert by ||tau||_1 / ||mask*tau||_1 (skipped when either
-norm is below 1e-7), mergekit's L1 rescale since Feb 2025. The norms are fp64 row sums taken left to right
-(``sequential_row_sums``, the order the native kernels reproduce), combined exactly across rows.
+norm is below 1e-7), mergekit's L1 rescale since Feb 2025. The norms are fp64 row sums in eight interleaved lanes
+(``lane_row_sums``, the order the native kernels reproduce), combined exactly across rows.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..ops.exact_sum import ExactSum, sequential_row_sums
+from ..ops.exact_sum import ExactSum, lane_row_sums
 from ..ops.philox import keep_mask
 from ..ops.select import TieCursor, TopKSelector, magnitude_keys
 
@@ -102,7 +102,7 @@ class Sparsifier:
             if self.dense[e]:
                 continue
             a = tau[e].abs()
-            self.l1[e].add_rows(torch.stack([sequential_row_sums(a), sequential_row_sums(a * m[e])], dim=1))
+            self.l1[e].add_rows(torch.stack([lane_row_sums(a), lane_row_sums(a * m[e])], dim=1))
 
     def end_pass(self, p: int) -> None:
         if p == 0 and self.selection_passes:

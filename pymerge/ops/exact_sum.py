@@ -35,14 +35,26 @@ def row_sums(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64).sum(dim=-1)
 
 
-def sequential_row_sums(x: torch.Tensor) -> torch.Tensor:
-    """fp64 sum of each row of a [rows, cols] tensor, accumulated strictly left to right from 0.0.
+LANES = 8  # the native DARE/DELLA L1 kernel's fp64 lanes (csrc/cpu/dare_l1_rows.cpp, kLanes)
 
-    One fixed order that a compiled kernel can reproduce bit for bit (``torch.sum`` picks a vectorized order of
-    its own): the native DARE/DELLA L1 pass (``native_cpu.dare_l1_rows``) sums the same way, so ``rescale``
-    gives both backends the same bits. ``cumsum`` on the CPU accumulates in index order.
+
+def lane_row_sums(x: torch.Tensor) -> torch.Tensor:
+    """fp64 sum of each row of a [rows, cols] tensor in one fixed order: ``LANES`` partial sums, lane l adding
+    the columns c = l (mod LANES) in increasing order from 0.0, combined as ((s0 + s1) + (s2 + s3)) + ((s4 + s5)
+    + (s6 + s7)).
+
+    One order that a compiled kernel reproduces bit for bit with one vector add per eight elements (``torch.sum``
+    picks an order of its own): the native DARE/DELLA L1 pass (``native_cpu.dare_l1_rows``) sums the same way,
+    so ``rescale`` gives both backends the same bits. The row is padded with zeros to a multiple of LANES
+    (+0.0 changes no sum of magnitudes); ``cumsum`` on the CPU accumulates in index order.
     """
     x = x.to(torch.float64)
-    if x.shape[-1] == 0:
+    cols = x.shape[-1]
+    if cols == 0:
         return torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
-    return x.cumsum(dim=-1)[..., -1]
+    pad = -cols % LANES
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    lanes = x.reshape(*x.shape[:-1], -1, LANES).cumsum(dim=-2)[..., -1, :]
+    s = [lanes[..., i] for i in range(LANES)]
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))

@@ -764,7 +764,7 @@ def dare_l1_rows(base: torch.Tensor, experts: Sequence[torch.Tensor], *, seed: i
                  tensor_name: str, probs: Sequence, start: int = 0) -> torch.Tensor:
     """[k, rows, 2] float64: per expert and row of the [rows, cols] chunk, (sum |t|, sum |t| * keep) with
     t = x - base in fp32 and keep the expert's Philox mask (``probs`` and ``start`` as in ``dare_map``), each
-    summed left to right in fp64 (``pymerge.ops.exact_sum.sequential_row_sums`` is the twin's order).
+    summed in fp64 in eight interleaved lanes (``pymerge.ops.exact_sum.lane_row_sums`` is the twin's order).
     ``base`` and ``experts`` are 2-D (a vector is one row)."""
     from .philox import name_hash
 

@@ -2,7 +2,7 @@
 
 ``dare_map``: the twin is ``pymerge.ops.merge_tensors`` with dare_ties / dare_linear / della / della_linear
 (fp32 result, cast with ``.to(out_dtype)``), given the twin's own L1 scales. ``dare_l1_rows``: the twin is
-``sequential_row_sums`` of |tau| and |tau| * keep_mask. Random data, odd sizes, stream offsets past 2^32,
+``lane_row_sums`` of |tau| and |tau| * keep_mask. Random data, odd sizes, stream offsets past 2^32,
 every element compared (NaN as NaN: payloads are not reproducible).
 """
 
@@ -14,7 +14,7 @@ import torch
 from pymerge._native import native_module, native_unavailable_reason
 from pymerge.methods.sparsify import RESCALE_EPS, della_probabilities
 from pymerge.ops import merge_tensors
-from pymerge.ops.exact_sum import sequential_row_sums
+from pymerge.ops.exact_sum import lane_row_sums
 from pymerge.ops.philox import keep_mask
 
 _C = native_module()
@@ -65,14 +65,14 @@ def masks_and_probs(method, base, experts, densities, eps, seed, name, ids, star
 
 
 def twin_scales(base, experts, masks, densities):
-    """The twin's L1 rescale: fp64 row sums left to right, combined exactly; skipped below 1e-7."""
+    """The twin's L1 rescale: fp64 row sums in eight lanes, combined exactly; skipped below 1e-7."""
     import math
 
     out = []
     for x, m, d in zip(experts, masks, densities):
         a = (x.float() - base.float()).abs()
-        before = math.fsum(sequential_row_sums(a).tolist())
-        after = math.fsum(sequential_row_sums(a * m).tolist())
+        before = math.fsum(lane_row_sums(a).tolist())
+        after = math.fsum(lane_row_sums(a * m).tolist())
         out.append(before / after if d < 1 and before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0)
     return out
 
@@ -108,7 +108,7 @@ def test_map_matches_torch_twin(method, dtype, k, rows, cols, densities, rescale
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della"])
-def test_l1_rows_match_sequential_twin(method):
+def test_l1_rows_match_lane_twin(method):
     nc = _nc()
     rows, cols, start = 9, 1031, 3 * 2**32 + 5  # a stream offset past 2^32 and not a multiple of 4
     base, experts, _ = data(rows, cols, 3, torch.bfloat16, seed=7)
@@ -118,24 +118,26 @@ def test_l1_rows_match_sequential_twin(method):
     assert got.shape == (3, rows, 2) and got.dtype == torch.float64
     for j, (x, m) in enumerate(zip(experts, masks)):
         a = (x.float() - base.float()).abs()
-        want = torch.stack([sequential_row_sums(a), sequential_row_sums(a * m)], dim=1)
+        want = torch.stack([lane_row_sums(a), lane_row_sums(a * m)], dim=1)
         assert torch.equal(got[j], want), f"expert {j}"
     assert bool((got[:, :, 1] < got[:, :, 0]).all())  # masks dropped something in every row
 
 
-def test_sequential_row_sums_is_left_to_right():
+@pytest.mark.parametrize("cols", [1, 7, 8, 9, 3001])
+def test_lane_row_sums_is_the_stated_order(cols):
     # Values spanning 2^-40 .. 2^40: any other summation order rounds differently somewhere.
-    g = torch.Generator().manual_seed(3)
-    x = (torch.rand(4, 3001, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-40, 40, (4, 3001),
+    g = torch.Generator().manual_seed(cols)
+    x = (torch.rand(4, cols, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-40, 40, (4, cols),
                                                                                           generator=g))
     want = []
     for row in x.tolist():
-        acc = 0.0
-        for v in row:
-            acc += v
-        want.append(acc)
-    assert sequential_row_sums(x).tolist() == want
-    assert sequential_row_sums(torch.empty(2, 0)).tolist() == [0.0, 0.0]
+        lanes = [0.0] * 8
+        for c, v in enumerate(row):
+            lanes[c % 8] += v
+        s = lanes
+        want.append(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])))
+    assert lane_row_sums(x).tolist() == want
+    assert lane_row_sums(torch.empty(2, 0)).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("consensus", ["sum", "count", None])

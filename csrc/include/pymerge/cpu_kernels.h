@@ -122,7 +122,9 @@ void dare_map(const void* base, const void* const* experts, int64_t k, DType in_
 // is flat element `start` of the tensor (t_j and keep_j as in dare_map, element e = start + r * cols + c):
 //   out[(j * rows + r) * 2]     = sum_c double(|t_j|)
 //   out[(j * rows + r) * 2 + 1] = sum_c double(|t_j| * keep_j)      (the fp32 product, then widened)
-// each summed in fp64 strictly in column order from 0.0 (the canonical order the torch twin also uses).
+// each summed in fp64 in the canonical order the torch twin also uses (exact_sum.lane_row_sums): kL1Lanes
+// partial sums, lane l adding the columns c = l (mod kL1Lanes) in increasing order from 0.0, then combined as
+// ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)).
 // Pre: k >= 1; rows, cols >= 0; pointers non-null when rows * cols > 0; out holds k * rows * 2 doubles.
 void dare_l1_rows(const void* base, const void* const* experts, int64_t k, DType dtype, int64_t rows,
                   int64_t cols, int64_t start, uint64_t seed, const uint32_t* model_ids, uint32_t name_hash,
