@@ -783,10 +783,12 @@ def dare_l1_rows(base: torch.Tensor, experts: Sequence[torch.Tensor], *, seed: i
     return out
 
 
-def della_probs(base: torch.Tensor, x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def della_probs(base: torch.Tensor, x: torch.Tensor, density: float, epsilon: float, *,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DELLA's fp32 keep probabilities for a [rows, cols] chunk ranked along each row: fp32(d - eps) + fp32(2 eps)
     * rank / (cols - 1), rank the stable ascending rank of |x - base| in its row. Bit-identical to
-    ``pymerge.methods.sparsify.della_probabilities(x.float() - base.float(), density, epsilon, cols)``."""
+    ``pymerge.methods.sparsify.della_probabilities(x.float() - base.float(), density, epsilon, cols)``. ``out``
+    (a contiguous fp32 tensor of the chunk's shape) receives them when given."""
     native = require_cpu("the native CPU DELLA ranks")
     _check_same([x], "x", base)
     if base.dim() != 2:
@@ -794,7 +796,13 @@ def della_probs(base: torch.Tensor, x: torch.Tensor, density: float, epsilon: fl
     rows, cols = base.shape
     low = float(torch.tensor(density - epsilon, dtype=torch.float32))  # the twin's fp32 constants
     span = float(torch.tensor(2 * epsilon, dtype=torch.float32))
-    out = torch.empty((rows, cols), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=torch.float32)
+    else:
+        check_tensor(out, "out", "cpu")
+        if out.dtype != torch.float32 or tuple(out.shape) != (rows, cols) or not out.is_contiguous():
+            raise ValueError(f"out: expected a contiguous float32 tensor of shape {(rows, cols)}, got {out.dtype} "
+                             f"{tuple(out.shape)}")
     native.della_probs(base.data_ptr(), x.data_ptr(), dtype_code(base.dtype, "base"), rows, cols, low, span,
                        out.data_ptr())
     return out

@@ -271,3 +271,19 @@ def test_whole_merge_with_a_3d_tensor_matches_torch(tmp_path, method):
         pymerge.merge(cfg, tmp_path / backend, backend=backend, seed=2, quiet=True)
     assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == \
         (tmp_path / "torch" / "model.safetensors").read_bytes()
+
+
+def test_spare_probability_buffers_are_reused_for_one_shape_only():
+    from pymerge.methods.dare_native import _SpareProbs
+
+    spare = _SpareProbs()
+    a, b = spare.take((3, 5)), spare.take((3, 5))
+    assert a.dtype == torch.float32 and a.data_ptr() != b.data_ptr()
+    spare.give([a, 1.0, b])  # floats (dense experts) are not buffers
+    assert {spare.take((3, 5)).data_ptr(), spare.take((3, 5)).data_ptr()} == {a.data_ptr(), b.data_ptr()}
+    spare.give([a])
+    c = spare.take((5, 3))  # another shape: the spare of the old one is dropped, not handed out
+    assert c.data_ptr() != a.data_ptr() and spare._free == []
+    spare.give([a])
+    spare.give([c])  # a buffer of another shape replaces the spares
+    assert [t.data_ptr() for t in spare._free] == [c.data_ptr()]
