@@ -87,22 +87,7 @@ void dare_tile_fused(const DareArgs& a, int64_t t, int64_t m, float* __restrict 
       const float term = kConsensus == Consensus::Count ? gta::sgn(d[j]) : d[j];
       sum = j == 0 ? term : sum + term;
     }
-    float r;
-    if (kConsensus != Consensus::None) {
-      float mixed = 0.0f;
-      float div = 0.0f;
-      for (int j = 0; j < K; ++j) {
-        const float agree = gta::agreement(sum, d[j]);
-        mixed = j == 0 ? d[j] * agree : mixed + d[j] * agree;
-        if (kNormalize) div = j == 0 ? w[j] * agree : div + w[j] * agree;
-      }
-      r = mixed;
-      if (kNormalize) r = r / (div == 0.0f ? 1.0f : div);
-    } else {
-      r = sum;
-      if (kNormalize) r = r / divisor;
-    }
-    r = r * lambda;
+    const float r = gta::finish_element<K, kNormalize, kConsensus != Consensus::None>(d, w, sum, divisor) * lambda;
     o[i] = DTypeTraits<D>::narrow(b + r);
   }
 }

@@ -25,6 +25,24 @@ inline float agreement(float sum, float d) {
 // torch.sign in fp32: +1, -1, or 0 for zeros and NaN.
 inline float sgn(float d) { return d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f); }
 
+// The per-element tail of the fused (register-resident) tiles, ties_map's and dare_map's: from the K weighted,
+// sparsified deltas d[j] and their election sum, the merged update r before lambda. With kConsensus:
+// a_j = agreement(sum, d_j), r = sum_j d_j a_j, divided (kNormalize) by sum_j w_j a_j (0 -> 1), both in expert
+// order from their first term; otherwise r = sum, divided (kNormalize) by plain_divisor. The same operations
+// in the same order as finish_tile.
+template <int K, bool kNormalize, bool kConsensus>
+inline float finish_element(const float* d, const float* w, float sum, float plain_divisor) {
+  if (!kConsensus) return kNormalize ? sum / plain_divisor : sum;
+  float mixed = 0.0f;
+  float div = 0.0f;
+  for (int j = 0; j < K; ++j) {
+    const float agree = agreement(sum, d[j]);
+    mixed = j == 0 ? d[j] * agree : mixed + d[j] * agree;
+    if (kNormalize) div = j == 0 ? w[j] * agree : div + w[j] * agree;
+  }
+  return kNormalize ? mixed / (div == 0.0f ? 1.0f : div) : mixed;
+}
+
 // Scratch rows of one tile.
 struct Tile {
   float* b;       // widened base

@@ -128,22 +128,7 @@ void ties_tile_fused(const TiesArgs& a, const int32_t* __restrict compare, const
       d[j] = (tau * keep) * w[j];
       sum = j == 0 ? d[j] : sum + d[j];
     }
-    float r;
-    if (kConsensus) {
-      float mixed = 0.0f;
-      float div = 0.0f;
-      for (int j = 0; j < K; ++j) {
-        const float agree = gta::agreement(sum, d[j]);
-        mixed = j == 0 ? d[j] * agree : mixed + d[j] * agree;
-        if (kNormalize) div = j == 0 ? w[j] * agree : div + w[j] * agree;
-      }
-      r = mixed;
-      if (kNormalize) r = r / (div == 0.0f ? 1.0f : div);
-    } else {
-      r = sum;
-      if (kNormalize) r = r / divisor;
-    }
-    r = r * lambda;
+    const float r = gta::finish_element<K, kNormalize, kConsensus>(d, w, sum, divisor) * lambda;
     o[i] = DTypeTraits<D>::narrow(b + r);
   }
 }
