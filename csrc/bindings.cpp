@@ -1012,7 +1012,7 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
       py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
       py::arg("probs"), py::arg("prob_ptrs"), py::arg("seed"), py::arg("model_ids"), py::arg("name_hash"),
       py::arg("start"), py::arg("out_ptr"),
-      "Per expert and row: (sum |t|, sum |t| * keep) in fp64, left to right (formula in cpu_kernels.h).");
+      "Per expert and row: (sum |t|, sum |t| * keep) in fp64, in eight interleaved lanes (formula in cpu_kernels.h).");
 
   m.def(
       "della_probs",

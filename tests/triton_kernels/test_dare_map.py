@@ -11,7 +11,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'pyme
 
 from pymerge.methods.sparsify import della_probabilities  # noqa: E402
 from pymerge.ops import merge_tensors  # noqa: E402
-from pymerge.ops.exact_sum import sequential_row_sums  # noqa: E402
+from pymerge.ops.exact_sum import lane_row_sums  # noqa: E402
 from pymerge.ops.philox import keep_mask  # noqa: E402
 
 from ._interp import DEVICE, assert_bit_equal, load  # noqa: E402
@@ -58,11 +58,11 @@ def data(n, k, dtype, seed):
 
 
 def l1_scales(base, experts, masks):
-    """mergekit's L1 rescale, as the twin computes it: fp64 sums left to right, skipped below 1e-7."""
+    """mergekit's L1 rescale, as the twin computes it: fp64 sums in eight lanes, skipped below 1e-7."""
     out = []
     for x, m in zip(experts, masks):
         tau = (x.float() - base.float()).abs()
-        b, a = float(sequential_row_sums(tau)), float(sequential_row_sums(tau * m))
+        b, a = float(lane_row_sums(tau)), float(lane_row_sums(tau * m))
         out.append(b / a if b >= 1e-7 and a >= 1e-7 else 1.0)
     return out
 
