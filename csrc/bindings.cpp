@@ -60,6 +60,35 @@ bool overlaps(uintptr_t a, int64_t a_bytes, uintptr_t b, int64_t b_bytes) {
   return a_bytes > 0 && b_bytes > 0 && a < b + uintptr_t(b_bytes) && b < a + uintptr_t(a_bytes);
 }
 
+// Per-expert mask-bit buffers of `bytes` bytes each (0 = none for that expert), or none at all (empty list):
+// checked against each other and against the inputs' byte ranges [inputs[i], + in_bytes).
+std::vector<uint8_t*> checked_bits(const std::vector<int64_t>& ptrs, size_t k, int64_t bytes,
+                                   const std::vector<uintptr_t>& inputs, int64_t in_bytes) {
+  std::vector<uint8_t*> out;
+  if (ptrs.empty()) return out;
+  if (ptrs.size() != k) {
+    fail("keep_bits_ptrs: got " + std::to_string(ptrs.size()) + " values for " + std::to_string(k) +
+         " experts (one per expert, 0 for none)");
+  }
+  for (size_t j = 0; j < k; ++j) {
+    const std::string what = "keep_bits_ptrs[" + std::to_string(j) + "]";
+    if (ptrs[j] < 0) fail(what + ": address must be >= 0");
+    const uintptr_t p = uintptr_t(ptrs[j]);
+    if (p != 0) {
+      for (uintptr_t in : inputs) {
+        if (overlaps(p, bytes, in, in_bytes)) fail(what + ": overlaps an input");
+      }
+      for (size_t i = 0; i < j; ++i) {
+        if (overlaps(p, bytes, uintptr_t(out[i]), out[i] != nullptr ? bytes : 0)) {
+          fail(what + ": overlaps keep_bits_ptrs[" + std::to_string(i) + "]");
+        }
+      }
+    }
+    out.push_back(reinterpret_cast<uint8_t*>(p));
+  }
+  return out;
+}
+
 // n * element size must be addressable; beyond that a buffer of n elements cannot exist.
 void check_bytes(int64_t n, DType d, const char* what) {
   if (n > std::numeric_limits<int64_t>::max() / pymerge::dtype_size(d)) {
@@ -962,28 +991,34 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
          const std::vector<double>& weights, const std::vector<double>& scales, const std::vector<double>& probs,
          const std::vector<int64_t>& prob_ptrs, uint64_t seed, const std::vector<int64_t>& model_ids,
          int64_t name_hash, int64_t start, int consensus, bool normalize, double divisor, double lambda,
-         int64_t out_ptr, int out_dtype) {
+         int64_t out_ptr, int out_dtype, const std::vector<int64_t>& keep_bits_ptrs) {
         const DareMapArgs a = check_dare_map(base_ptr, expert_ptrs, in_dtype, n, weights, scales, probs, prob_ptrs,
                                              model_ids, start, consensus, normalize, divisor, lambda, out_ptr,
                                              out_dtype);
+        std::vector<uintptr_t> outs{reinterpret_cast<uintptr_t>(a.out)};
+        const int64_t out_bytes = n * pymerge::dtype_size(a.out_dtype);
+        std::vector<uint8_t*> bits = checked_bits(keep_bits_ptrs, a.experts.size(), (n + 7) / 8, outs, out_bytes);
+        std::vector<const uint8_t*> keep_bits(bits.begin(), bits.end());
         const uint32_t hash = checked_u32(name_hash, "name_hash");
         py::gil_scoped_release release;
         pymerge::cpu::dare_map(a.base, a.experts.data(), int64_t(a.experts.size()), a.in_dtype, n, a.weights.data(),
                                a.scales.data(), a.limits.data(), a.any_probs ? a.probs.data() : nullptr, seed,
                                a.models.data(), hash, start, a.consensus, normalize, a.divisor, a.lambda, a.out,
-                               a.out_dtype);
+                               a.out_dtype, keep_bits.empty() ? nullptr : keep_bits.data());
       },
       py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("in_dtype"), py::arg("n"), py::arg("weights"),
       py::arg("scales"), py::arg("probs"), py::arg("prob_ptrs"), py::arg("seed"), py::arg("model_ids"),
       py::arg("name_hash"), py::arg("start"), py::arg("consensus"), py::arg("normalize"), py::arg("divisor"),
-      py::arg("lambda_"), py::arg("out_ptr"), py::arg("out_dtype"),
-      "DARE/DELLA map (formula in cpu_kernels.h): Philox masks, rescale, weights, election, base (CPU memory).");
+      py::arg("lambda_"), py::arg("out_ptr"), py::arg("out_dtype"), py::arg("keep_bits_ptrs") = std::vector<int64_t>{},
+      "DARE/DELLA map (formula in cpu_kernels.h): Philox masks (or the L1 pass's mask bits), rescale, weights, "
+      "election, base (CPU memory).");
 
   m.def(
       "dare_l1_rows",
       [](int64_t base_ptr, const std::vector<int64_t>& expert_ptrs, int dtype, int64_t rows, int64_t cols,
          const std::vector<double>& probs, const std::vector<int64_t>& prob_ptrs, uint64_t seed,
-         const std::vector<int64_t>& model_ids, int64_t name_hash, int64_t start, int64_t out_ptr) {
+         const std::vector<int64_t>& model_ids, int64_t name_hash, int64_t start, int64_t out_ptr,
+         const std::vector<int64_t>& keep_bits_ptrs) {
         const int64_t n = checked_matrix(rows, cols);
         const size_t k = expert_ptrs.size();
         // The map's checks with no output: weights and scales do not enter the norms.
@@ -1003,15 +1038,25 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
             fail("out_ptr: overlaps expert_ptrs[" + std::to_string(j) + "]");
           }
         }
+        if (!keep_bits_ptrs.empty() && cols % 8 != 0) {
+          fail("keep_bits_ptrs: mask bits need whole bytes per row (cols % 8 == 0), got cols = " +
+               std::to_string(cols));
+        }
+        std::vector<uintptr_t> inputs{reinterpret_cast<uintptr_t>(a.base)};
+        for (const void* e : a.experts) inputs.push_back(reinterpret_cast<uintptr_t>(e));
+        std::vector<uint8_t*> bits = checked_bits(keep_bits_ptrs, k, n / 8, inputs, in_bytes);
+        for (uint8_t* b : bits) {
+          if (overlaps(uintptr_t(b), b != nullptr ? n / 8 : 0, out, out_bytes)) fail("keep_bits_ptrs: overlaps out_ptr");
+        }
         const uint32_t hash = checked_u32(name_hash, "name_hash");
         py::gil_scoped_release release;
         pymerge::cpu::dare_l1_rows(a.base, a.experts.data(), int64_t(k), a.in_dtype, rows, cols, start, seed,
                                    a.models.data(), hash, a.limits.data(), a.any_probs ? a.probs.data() : nullptr,
-                                   reinterpret_cast<double*>(out));
+                                   reinterpret_cast<double*>(out), bits.empty() ? nullptr : bits.data());
       },
       py::arg("base_ptr"), py::arg("expert_ptrs"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
       py::arg("probs"), py::arg("prob_ptrs"), py::arg("seed"), py::arg("model_ids"), py::arg("name_hash"),
-      py::arg("start"), py::arg("out_ptr"),
+      py::arg("start"), py::arg("out_ptr"), py::arg("keep_bits_ptrs") = std::vector<int64_t>{},
       "Per expert and row: (sum |t|, sum |t| * keep) in fp64, in eight interleaved lanes (formula in cpu_kernels.h).");
 
   m.def(

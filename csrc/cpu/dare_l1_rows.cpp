@@ -8,6 +8,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "philox_words.h"
 #include "pymerge/cpu_kernels.h"
 #include "pymerge/dtype.h"
@@ -40,7 +44,7 @@ inline double combine(const V8d& s) {
 
 template <DType S>
 void l1_row(const void* base_ptr, const void* x_ptr, int64_t r, int64_t cols, int64_t start, uint64_t seed,
-            uint32_t model, uint32_t name_hash, float limit, const float* probs, double* out) {
+            uint32_t model, uint32_t name_hash, float limit, const float* probs, double* out, uint8_t* bits) {
   using T = typename DTypeTraits<S>::storage;
   alignas(64) float keep[kStep];
   alignas(64) float mag[kStep];
@@ -61,6 +65,28 @@ void l1_row(const void* base_ptr, const void* x_ptr, int64_t r, int64_t cols, in
         keep[i] = philox::keep(word, philox::keep_limit(pc[i])) ? 1.0f : 0.0f;
       });
     }
+    if (bits != nullptr) {  // the mask, one bit per element, for the map pass (cols % 8 == 0: whole bytes)
+      uint8_t* __restrict to = bits + (row0 + c0) / 8;
+      int64_t i = 0;
+      // A vector compare's lane mask is the packed byte(s) directly; the portable loop below did not vectorize
+      // (it cost the 1b dare_ties L1 pass ~0.4 s).
+#if defined(__AVX512F__)
+      for (; i + 16 <= m; i += 16) {
+        const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(keep + i), _mm512_setzero_ps(), _CMP_NEQ_OQ);
+        const uint16_t packed = uint16_t(k);
+        std::memcpy(to + i / 8, &packed, 2);  // little-endian: elements i..i+7 in the first byte
+      }
+#elif defined(__AVX2__)
+      for (; i + 8 <= m; i += 8) {
+        to[i / 8] = uint8_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(keep + i), _mm256_setzero_ps(), _CMP_NEQ_OQ)));
+      }
+#endif
+      for (; i < m; i += 8) {
+        uint32_t byte = 0;
+        for (int64_t l = 0; l < 8; ++l) byte |= (keep[i + l] != 0.0f ? 1u : 0u) << l;
+        to[i / 8] = uint8_t(byte);
+      }
+    }
     for (int64_t i = 0; i < m; ++i) mag[i] = std::fabs(DTypeTraits<S>::widen(x[c0 + i]) - DTypeTraits<S>::widen(b[c0 + i]));
     // The row's tail pads the last group of lanes with zeros: +0.0 leaves every (non-negative) lane unchanged.
     const int64_t padded = (m + kLanes - 1) / kLanes * kLanes;
@@ -80,7 +106,7 @@ void l1_row(const void* base_ptr, const void* x_ptr, int64_t r, int64_t cols, in
 template <DType S>
 void l1_rows(const void* base_ptr, const void* const* experts, int64_t k, int64_t rows, int64_t cols,
              int64_t start, uint64_t seed, const uint32_t* models, uint32_t name_hash, const float* limits,
-             const float* const* probs, double* out) {
+             const float* const* probs, double* out, uint8_t* const* keep_bits) {
 #if defined(PYMERGE_WITH_OPENMP)
 #pragma omp parallel for schedule(static) if (rows * cols * k > (int64_t(1) << 16))
 #endif
@@ -88,7 +114,7 @@ void l1_rows(const void* base_ptr, const void* const* experts, int64_t k, int64_
     for (int64_t j = 0; j < k; ++j) {
       const float* p = probs != nullptr ? probs[j] : nullptr;
       l1_row<S>(base_ptr, experts[j], r, cols, start, seed, models[j], name_hash, limits[j], p,
-                out + (j * rows + r) * 2);
+                out + (j * rows + r) * 2, keep_bits != nullptr ? keep_bits[j] : nullptr);
     }
   }
 }
@@ -97,11 +123,11 @@ void l1_rows(const void* base_ptr, const void* const* experts, int64_t k, int64_
 
 void dare_l1_rows(const void* base, const void* const* experts, int64_t k, DType dtype, int64_t rows,
                   int64_t cols, int64_t start, uint64_t seed, const uint32_t* model_ids, uint32_t name_hash,
-                  const float* limits, const float* const* probs, double* out) {
+                  const float* limits, const float* const* probs, double* out, uint8_t* const* keep_bits) {
   if (rows <= 0 || k <= 0) return;
   dispatch_dtype(dtype, [&](auto s) {
     l1_rows<decltype(s)::value>(base, experts, k, rows, cols, start, seed, model_ids, name_hash, limits, probs,
-                                out);
+                                out, keep_bits);
   });
 }
 

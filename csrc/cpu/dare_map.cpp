@@ -3,6 +3,7 @@
 // mask word depends only on its flat index (philox.h), so fixed blocks and any thread count give the same bits.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "gta_tile.h"
@@ -33,10 +34,33 @@ struct DareArgs {
   float lambda;
   bool apply_lambda;
   void* out;
+  const uint8_t* const* keep_bits;  // null, or per expert null / the L1 pass's mask bits
 };
+
+// The eight keep values (1.0f / 0.0f) of each mask byte, bit l -> entry l.
+struct BitFloats {
+  float row[256][8];
+  constexpr BitFloats() : row() {
+    for (int b = 0; b < 256; ++b) {
+      for (int l = 0; l < 8; ++l) row[b][l] = (b >> l) & 1 ? 1.0f : 0.0f;
+    }
+  }
+};
+constexpr BitFloats kBitFloats{};
 
 // keep[i] = 1.0f / 0.0f for elements t .. t + m - 1 of expert j (flat element start + t + i of the tensor).
 void keep_tile(const DareArgs& a, int64_t j, int64_t t, int64_t m, float* __restrict keep) {
+  const uint8_t* bits = a.keep_bits != nullptr ? a.keep_bits[j] : nullptr;
+  if (bits != nullptr) {  // drawn by the L1 pass already (Philox words: ~17 of the ~44 ms for 3 x 16.8M)
+    // Eight floats per mask byte from a table: a per-bit shift-and-select loop did not vectorize and took
+    // longer than drawing the words again (dare_map 2.8 -> 6.8 s per 1b dare_ties merge).
+    int64_t i = 0;
+    if ((t & 7) == 0) {  // tiles start at multiples of kTile inside 64K blocks: always, in practice
+      for (; i + 8 <= m; i += 8) std::memcpy(keep + i, kBitFloats.row[bits[(t + i) >> 3]], 8 * sizeof(float));
+    }
+    for (; i < m; ++i) keep[i] = (bits[(t + i) >> 3] >> ((t + i) & 7)) & 1u ? 1.0f : 0.0f;
+    return;
+  }
   const float* probs = a.probs != nullptr ? a.probs[j] : nullptr;
   if (probs == nullptr) {
     const float limit = a.limits[j];
@@ -144,10 +168,11 @@ void dare_range(const DareArgs& a, int64_t begin, int64_t end, float* scratch) {
 void dare_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
               const float* weights, const float* scales, const float* limits, const float* const* probs,
               uint64_t seed, const uint32_t* model_ids, uint32_t name_hash, int64_t start, Consensus consensus,
-              bool normalize, float divisor, float lambda, void* out, DType out_dtype) {
+              bool normalize, float divisor, float lambda, void* out, DType out_dtype,
+              const uint8_t* const* keep_bits) {
   if (n <= 0 || k <= 0) return;
   const DareArgs args{base, experts, k, weights, scales, limits, probs, seed, model_ids, name_hash, start,
-                      divisor, lambda, lambda != 1.0f, out};
+                      divisor, lambda, lambda != 1.0f, out, keep_bits};
   dispatch_dtype(in_dtype, [&](auto s) {
     dispatch_dtype(out_dtype, [&](auto d) {
       constexpr DType S = decltype(s)::value;

@@ -737,35 +737,59 @@ def dare_map_args(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: 
 def dare_map(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], *, seed: int,
              model_ids: Sequence[int], tensor_name: str, probs: Sequence, scales: Optional[Sequence[float]] = None,
              start: int = 0, consensus: Optional[str] = "sum", normalize: bool = False, lambda_: float = 1.0,
-             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+             out_dtype: Optional[torch.dtype] = None,
+             keep_bits: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """The DARE / DELLA map on CPU tensors in one fused pass (formula in csrc/include/pymerge/cpu_kernels.h):
     Philox keep masks, ``scales`` (the L1 rescale), weights, sign election (``consensus``: "sum", "count" or
     None), normalize, lambda, + base, narrowed to ``out_dtype`` (default base's dtype).
 
     ``probs``: per expert a float keep probability (DARE; 1.0 keeps everything) or a contiguous fp32 tensor of
     base's numel (DELLA's per-element probabilities). ``start``: flat index of base's first element in the
-    whole tensor (the mask stream position). Bit-identical to the torch generalized task arithmetic with the
-    random / della_magprune sparsifier given the same scales, and to ``native_cuda.dare_map``.
+    whole tensor (the mask stream position). ``keep_bits``: per expert None or the mask bits ``dare_l1_rows``
+    wrote for this very chunk (same probs, seed, ids and start), used instead of drawing the mask again.
+    Bit-identical to the torch generalized task arithmetic with the random / della_magprune sparsifier given
+    the same scales, and to ``native_cuda.dare_map``.
     """
     from .philox import name_hash
 
     native = require_cpu("the native CPU DARE map")
     _check_same(experts, "experts", base)
     a = dare_map_args(base, experts, weights, probs, scales, model_ids, consensus, "cpu")
+    bit_ptrs = _keep_bit_ptrs(keep_bits, len(experts), (base.numel() + 7) // 8)
     out = torch.empty(base.shape, dtype=base.dtype if out_dtype is None else out_dtype)
     native.dare_map(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"), base.numel(),
                     a.weights, a.scales, a.probs, a.prob_ptrs, int(seed) & _MASK64, a.model_ids,
                     name_hash(tensor_name), int(start), a.consensus, bool(normalize), a.divisor, float(lambda_),
-                    out.data_ptr(), dtype_code(out.dtype, "out_dtype"))
+                    out.data_ptr(), dtype_code(out.dtype, "out_dtype"), bit_ptrs)
     return out
 
 
+def _keep_bit_ptrs(keep_bits: Optional[Sequence[Optional[torch.Tensor]]], k: int, nbytes: int) -> list[int]:
+    """The binding's per-expert mask-bit addresses (0 for none; [] without any), each buffer checked."""
+    if keep_bits is None:
+        return []
+    ptrs = []
+    for j, b in enumerate(per_expert(keep_bits, k, "keep_bits")):
+        if b is None:
+            ptrs.append(0)
+            continue
+        check_tensor(b, f"keep_bits[{j}]", "cpu")
+        if b.dtype != torch.uint8 or b.numel() != nbytes or not b.is_contiguous():
+            raise ValueError(f"keep_bits[{j}]: expected a contiguous uint8 tensor of {nbytes} bytes, got {b.dtype} "
+                             f"{tuple(b.shape)}")
+        ptrs.append(b.data_ptr())
+    return ptrs
+
+
 def dare_l1_rows(base: torch.Tensor, experts: Sequence[torch.Tensor], *, seed: int, model_ids: Sequence[int],
-                 tensor_name: str, probs: Sequence, start: int = 0) -> torch.Tensor:
+                 tensor_name: str, probs: Sequence, start: int = 0,
+                 keep_bits: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """[k, rows, 2] float64: per expert and row of the [rows, cols] chunk, (sum |t|, sum |t| * keep) with
     t = x - base in fp32 and keep the expert's Philox mask (``probs`` and ``start`` as in ``dare_map``), each
     summed in fp64 in eight interleaved lanes (``pymerge.ops.exact_sum.lane_row_sums`` is the twin's order).
-    ``base`` and ``experts`` are 2-D (a vector is one row)."""
+    ``base`` and ``experts`` are 2-D (a vector is one row). ``keep_bits`` (cols a multiple of 8): per expert
+    None or a uint8 tensor of rows * cols / 8 bytes that receives the mask, element e as bit e % 8 of byte
+    e // 8, for ``dare_map``."""
     from .philox import name_hash
 
     native = require_cpu("the native CPU DARE L1 norms")
@@ -775,11 +799,12 @@ def dare_l1_rows(base: torch.Tensor, experts: Sequence[torch.Tensor], *, seed: i
     k = len(experts)
     rows, cols = base.shape
     ps, ptrs = dare_probs(per_expert(probs, k, "probs"), base, "cpu")
+    bit_ptrs = _keep_bit_ptrs(keep_bits, k, rows * cols // 8)
     out = torch.empty((k, rows, 2), dtype=torch.float64)
     native.dare_l1_rows(base.data_ptr(), [x.data_ptr() for x in experts], dtype_code(base.dtype, "base"), rows,
                         cols, ps, ptrs, int(seed) & _MASK64,
                         [int(m) & _MASK32 for m in per_expert(model_ids, k, "model_ids")], name_hash(tensor_name),
-                        int(start), out.data_ptr())
+                        int(start), out.data_ptr(), bit_ptrs)
     return out
 
 

@@ -287,3 +287,85 @@ def test_spare_probability_buffers_are_reused_for_one_shape_only():
     spare.give([a])
     spare.give([c])  # a buffer of another shape replaces the spares
     assert [t.data_ptr() for t in spare._free] == [c.data_ptr()]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+@pytest.mark.parametrize("k,rows,cols", [(1, 1, 8), (3, 9, 1032), (5, 3, 70000)])  # 5 experts: the staged tile
+def test_mask_bits_from_the_l1_pass_are_the_masks_and_give_the_same_map(method, k, rows, cols):
+    nc = _nc()
+    base, experts, weights = data(rows, cols, k, torch.bfloat16, seed=rows + cols + k)
+    densities = [0.3, 0.7, 0.5, 1.0, 0.45][:k]
+    seed, name, ids, start = 13, "w", [5, 6, 8, 9, 2][:k], 2**32 + 3 * 8
+    masks, probs = masks_and_probs(method, base, experts, densities, 0.2, seed, name, ids, start=start)
+    bits = [None if d >= 1 else torch.full((rows * cols // 8,), 0xA5, dtype=torch.uint8) for d in densities]
+    norms = nc.dare_l1_rows(base, experts, seed=seed, model_ids=ids, tensor_name=name, probs=probs, start=start,
+                            keep_bits=bits)
+    assert torch.equal(norms, nc.dare_l1_rows(base, experts, seed=seed, model_ids=ids, tensor_name=name,
+                                              probs=probs, start=start))
+    for j, (b, m) in enumerate(zip(bits, masks)):
+        if b is not None:  # bit e % 8 of byte e // 8 is element e's keep
+            unpacked = ((b[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
+            assert torch.equal(unpacked.bool(), m.reshape(-1).bool()), f"expert {j}"
+    kw = dict(seed=seed, model_ids=ids, tensor_name=name, probs=probs, scales=[1.7, 0.5, 2.0, 1.0, 1.25][:k],
+              start=start, consensus=METHODS[method], normalize=method == "della", lambda_=0.9)
+    flat = base.reshape(-1), [x.reshape(-1) for x in experts]
+    want = nc.dare_map(*flat, weights, **kw)
+    assert_bits(nc.dare_map(*flat, weights, keep_bits=bits, **kw), want, f"{method} k={k}")
+
+
+def test_mask_bit_argument_errors():
+    nc = _nc()
+    a = torch.randn(2, 12)
+    kw = dict(seed=1, model_ids=[1], tensor_name="t", probs=[0.5])
+    with pytest.raises(ValueError, match="cols % 8 == 0"):
+        nc.dare_l1_rows(a, [a.clone()], keep_bits=[torch.empty(3, dtype=torch.uint8)], **kw)
+    b = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="keep_bits\\[0\\]: expected a contiguous uint8 tensor of 4 bytes"):
+        nc.dare_l1_rows(b, [b.clone()], keep_bits=[torch.empty(5, dtype=torch.uint8)], **kw)
+    with pytest.raises(ValueError, match="keep_bits: got 2 values for 1 experts"):
+        nc.dare_map(b.reshape(-1), [b.reshape(-1).clone()], [1.0], keep_bits=[None, None], **kw)
+    m = nc.require_cpu("test")
+    x = torch.randn(16)
+    with pytest.raises(ValueError, match="keep_bits_ptrs\\[0\\]: overlaps an input"):
+        m.dare_l1_rows(b.data_ptr(), [x.data_ptr()], 0, 1, 16, [0.5], [0], 1, [1], 7, 0,
+                       torch.empty(2, dtype=torch.float64).data_ptr(), [x.data_ptr()])
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+@pytest.mark.parametrize("max_memory", [None, "6KB"])
+def test_whole_merge_keeping_mask_bits_matches_torch(tmp_path, method, max_memory):
+    """Rows of a multiple of 8 elements: the L1 pass keeps the masks as bits for the map (the last chunk's only,
+    when the budget chunks the tensor); the bytes must be the torch backend's either way."""
+    import pymerge
+    from pymerge.methods import dare_native
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    shapes = {"proj.weight": (37, 64), "odd.weight": (9, 13)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    paths = []
+    for i in range(4):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({k: (v if i == 0 else v + torch.randn(v.shape, generator=g) * 0.1).to(torch.bfloat16)
+                   for k, v in base.items()}, str(d / "model.safetensors"))
+        paths.append(d)
+    extra = {"epsilon": 0.1} if method == "della" else {}
+    cfg = {"merge_method": method, "base_model": str(paths[0]),
+           "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.4, **extra}} for p in paths[1:]]}
+    used = []
+    real = dare_native.NativeDareMerge.map
+
+    def spy(self, chunk):
+        used.append(self._bits is not None and self._bits[0] == chunk.row_start)
+        return real(self, chunk)
+
+    dare_native.NativeDareMerge.map = spy
+    try:
+        pymerge.merge(cfg, tmp_path / "cpu", backend="cpu", seed=2, quiet=True, max_memory=max_memory)
+    finally:
+        dare_native.NativeDareMerge.map = real
+    pymerge.merge(cfg, tmp_path / "torch", backend="torch", seed=2, quiet=True)
+    assert any(used) and (max_memory is None or not all(used))  # bits used, and (chunked) not for every chunk
+    assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == \
+        (tmp_path / "torch" / "model.safetensors").read_bytes()

@@ -113,10 +113,14 @@ void ties_map(const void* base, const void* const* experts, int64_t k, DType in_
 // All sums run in expert order from their first term. The CPU twin of pymerge::cuda::dare_map (same bits).
 // Pre: k >= 1; n >= 0; pointers non-null when n > 0; start >= 0; probs[j] (when given) holds n floats;
 // weights, scales, lambda finite; divisor non-zero when normalize without consensus; out as for ties_map.
+// keep_bits (optional; per expert null or a mask written by dare_l1_rows for this chunk): expert j's keep_j(i) is
+// bit i of keep_bits[j] (bit i % 8 of byte i / 8) instead of a Philox draw, the same value without drawing it
+// again. keep_bits[j] then holds ceil(n / 8) bytes.
 void dare_map(const void* base, const void* const* experts, int64_t k, DType in_dtype, int64_t n,
               const float* weights, const float* scales, const float* limits, const float* const* probs,
               uint64_t seed, const uint32_t* model_ids, uint32_t name_hash, int64_t start, Consensus consensus,
-              bool normalize, float divisor, float lambda, void* out, DType out_dtype);
+              bool normalize, float divisor, float lambda, void* out, DType out_dtype,
+              const uint8_t* const* keep_bits = nullptr);
 
 // The L1 norms behind DARE/DELLA's rescale, per expert j and row r of a [rows, cols] chunk whose first element
 // is flat element `start` of the tensor (t_j and keep_j as in dare_map, element e = start + r * cols + c):
@@ -126,9 +130,11 @@ void dare_map(const void* base, const void* const* experts, int64_t k, DType in_
 // partial sums, lane l adding the columns c = l (mod kL1Lanes) in increasing order from 0.0, then combined as
 // ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)).
 // Pre: k >= 1; rows, cols >= 0; pointers non-null when rows * cols > 0; out holds k * rows * 2 doubles.
+// keep_bits (optional; per expert null or a buffer of rows * cols / 8 bytes, cols a multiple of 8): receives
+// keep_j of element r * cols + c as bit (r * cols + c) (bit e % 8 of byte e / 8), for dare_map to reuse.
 void dare_l1_rows(const void* base, const void* const* experts, int64_t k, DType dtype, int64_t rows,
                   int64_t cols, int64_t start, uint64_t seed, const uint32_t* model_ids, uint32_t name_hash,
-                  const float* limits, const float* const* probs, double* out);
+                  const float* limits, const float* const* probs, double* out, uint8_t* const* keep_bits = nullptr);
 
 // DELLA's keep probabilities for a [rows, cols] chunk, ranking each row (the tensor's dim 1):
 //   key[r][c] = magnitude_key(widen(x[r][c]) - widen(base[r][c]))  (fp32 difference)
