@@ -247,15 +247,11 @@ def test_della_probs_are_a_permutation_of_the_rank_ladder():
         assert bool((p[row][order].diff() > 0).all())
 
 
-@pytest.mark.parametrize("method", ["della", "dare_ties"])
-def test_whole_merge_with_a_3d_tensor_matches_torch(tmp_path, method):
-    """A 3-D tensor's DELLA ranks run along dim 1, which is not a chunk row: the cpu merge ranks it with torch
-    ops and must still write the torch backend's bytes (a 2-D tensor beside it takes the native ranks)."""
-    import pymerge
+def _family_config(tmp_path, method, shapes, seed):
+    """A bf16 base + 3 experts of ``shapes`` saved under tmp_path, and a ``method`` config merging them."""
     from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(9)
-    shapes = {"conv.weight": (5, 7, 3), "proj.weight": (11, 13), "norm.weight": (13,)}
+    g = torch.Generator().manual_seed(seed)
     base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     paths = []
     for i in range(4):
@@ -265,8 +261,18 @@ def test_whole_merge_with_a_3d_tensor_matches_torch(tmp_path, method):
                    for k, v in base.items()}, str(d / "model.safetensors"))
         paths.append(d)
     extra = {"epsilon": 0.1} if method == "della" else {}
-    cfg = {"merge_method": method, "base_model": str(paths[0]),
-           "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.4, **extra}} for p in paths[1:]]}
+    return {"merge_method": method, "base_model": str(paths[0]),
+            "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.4, **extra}} for p in paths[1:]]}
+
+
+@pytest.mark.parametrize("method", ["della", "dare_ties"])
+def test_whole_merge_with_a_3d_tensor_matches_torch(tmp_path, method):
+    """A 3-D tensor's DELLA ranks run along dim 1, which is not a chunk row: the cpu merge ranks it with torch
+    ops and must still write the torch backend's bytes (a 2-D tensor beside it takes the native ranks)."""
+    import pymerge
+
+    cfg = _family_config(tmp_path, method, {"conv.weight": (5, 7, 3), "proj.weight": (11, 13), "norm.weight": (13,)},
+                         seed=9)
     for backend in ("cpu", "torch"):
         pymerge.merge(cfg, tmp_path / backend, backend=backend, seed=2, quiet=True)
     assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == \
@@ -338,21 +344,8 @@ def test_whole_merge_keeping_mask_bits_matches_torch(tmp_path, method, max_memor
     when the budget chunks the tensor); the bytes must be the torch backend's either way."""
     import pymerge
     from pymerge.methods import dare_native
-    from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(4)
-    shapes = {"proj.weight": (37, 64), "odd.weight": (9, 13)}
-    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    paths = []
-    for i in range(4):
-        d = tmp_path / f"m{i}"
-        d.mkdir()
-        save_file({k: (v if i == 0 else v + torch.randn(v.shape, generator=g) * 0.1).to(torch.bfloat16)
-                   for k, v in base.items()}, str(d / "model.safetensors"))
-        paths.append(d)
-    extra = {"epsilon": 0.1} if method == "della" else {}
-    cfg = {"merge_method": method, "base_model": str(paths[0]),
-           "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.4, **extra}} for p in paths[1:]]}
+    cfg = _family_config(tmp_path, method, {"proj.weight": (37, 64), "odd.weight": (9, 13)}, seed=4)
     used = []
     real = dare_native.NativeDareMerge.map
 
