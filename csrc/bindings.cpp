@@ -1046,7 +1046,9 @@ PYBIND11_MODULE(PYMERGE_MODULE_NAME, m) {
         for (const void* e : a.experts) inputs.push_back(reinterpret_cast<uintptr_t>(e));
         std::vector<uint8_t*> bits = checked_bits(keep_bits_ptrs, k, n / 8, inputs, in_bytes);
         for (uint8_t* b : bits) {
-          if (overlaps(uintptr_t(b), b != nullptr ? n / 8 : 0, out, out_bytes)) fail("keep_bits_ptrs: overlaps out_ptr");
+          if (overlaps(uintptr_t(b), b != nullptr ? n / 8 : 0, out, out_bytes)) {
+            fail("keep_bits_ptrs: overlaps out_ptr");
+          }
         }
         const uint32_t hash = checked_u32(name_hash, "name_hash");
         py::gil_scoped_release release;

@@ -78,7 +78,8 @@ void l1_row(const void* base_ptr, const void* x_ptr, int64_t r, int64_t cols, in
       }
 #elif defined(__AVX2__)
       for (; i + 8 <= m; i += 8) {
-        to[i / 8] = uint8_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(keep + i), _mm256_setzero_ps(), _CMP_NEQ_OQ)));
+        const __m256 v = _mm256_loadu_ps(keep + i);
+        to[i / 8] = uint8_t(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_OQ)));
       }
 #endif
       for (; i < m; i += 8) {
@@ -87,7 +88,9 @@ void l1_row(const void* base_ptr, const void* x_ptr, int64_t r, int64_t cols, in
         to[i / 8] = uint8_t(byte);
       }
     }
-    for (int64_t i = 0; i < m; ++i) mag[i] = std::fabs(DTypeTraits<S>::widen(x[c0 + i]) - DTypeTraits<S>::widen(b[c0 + i]));
+    for (int64_t i = 0; i < m; ++i) {
+      mag[i] = std::fabs(DTypeTraits<S>::widen(x[c0 + i]) - DTypeTraits<S>::widen(b[c0 + i]));
+    }
     // The row's tail pads the last group of lanes with zeros: +0.0 leaves every (non-negative) lane unchanged.
     const int64_t padded = (m + kLanes - 1) / kLanes * kLanes;
     for (int64_t i = m; i < padded; ++i) mag[i] = keep[i] = 0.0f;

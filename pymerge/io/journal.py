@@ -3,7 +3,8 @@
 Each line is a JSON object ``{"name", "shard", "offset", "length", "sha256"}``: where the tensor's bytes lie in
 its shard file and the sha256 of those bytes (computed by the writer as it wrote them, or read back when it
 could not). Ordering is what makes a line a promise: the shard's data is fsynced first, then the line is
-appended and the journal fsynced, so a line on disk means its bytes were on disk before it. A crash mid-append leaves a torn last line, which is ignored (that tensor is merged again).
+appended and the journal fsynced, so a line on disk means its bytes were on disk before it. A crash mid-append
+leaves a torn last line, which is ignored (that tensor is merged again).
 On restart every line is checked anyway: the bytes are read back and hashed, and a tensor whose bytes do not
 match (lost writes after a failed fsync, a flipped bit, an edited file) is merged again.
 

@@ -7,8 +7,9 @@ was truncated, a flipped byte, a deleted index, or a stray shard left from anoth
 
 Version 2 hashes a shard in pieces instead of whole: its header region (the first ``8 + len(header)`` bytes)
 and each tensor's byte range. The tensor hashes are the resume journal's (``io/journal.py``), which the merge
-computes anyway as it writes each tensor, so each output byte is hashed once per merge, not twice. The pieces tile the file (a safetensors file has no bytes outside its header and tensors: the writer
-packs tensors back to back and the reader rejects holes), so every byte is still covered by a hash. Other files
+computes anyway as it writes each tensor, so each output byte is hashed once per merge, not twice. The pieces
+tile the file (a safetensors file has no bytes outside its header and tensors: the writer packs tensors back to
+back and the reader rejects holes), so every byte is still covered by a hash. Other files
 are small and keep one whole-file sha256, as in version 1, which ``verify_output`` still reads.
 
 Version 2 file entries, by path relative to the output directory::

@@ -202,7 +202,7 @@ class ShardedWriter:
                         raise MergeError(f"output tensor {t.name!r} appears in two shards")
                     self._slots[t.name] = _Slot(f, shard.filename, t, data_start + t.offset)
         except BaseException:
-            self._close_fds()
+            self._close_files()
             raise
 
     def write(self, name: str, data: torch.Tensor, row_start: int = 0) -> None:
@@ -348,13 +348,13 @@ class ShardedWriter:
             for f in self._files:
                 os.fsync(f.fd)
         finally:
-            self._close_fds()
+            self._close_files()
 
     def abort(self) -> None:
         """Close the files without checking or syncing (the output is being thrown away)."""
-        self._close_fds()
+        self._close_files()
 
-    def _close_fds(self) -> None:
+    def _close_files(self) -> None:
         with self._lock:
             self._closed = True
             self._idle.wait_for(lambda: self._in_flight == 0)

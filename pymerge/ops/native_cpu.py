@@ -423,7 +423,7 @@ class MagnitudeTopK:
     def _end_bracket(self) -> None:
         from .select import Threshold
 
-        for j in self.brackets:
+        for row, j in enumerate(self.brackets):  # row: j's row in pass 1's span tables
             count, buf = self.filled[j], self.candidates[j]
             need = self.ks[j] - self.above[j]
             if count > buf.numel() or need < 1 or need > count:  # overflowed, or the k-th key is outside
@@ -437,7 +437,7 @@ class MagnitudeTopK:
             all_ties = ties == int(np.count_nonzero(equal))
             self.result[j] = Threshold(key=key, ties=ties, keep_all_ties=all_ties)
             if not all_ties:
-                self._tie_blocks[j] = self._tie_block(list(self.brackets).index(j), equal, ties)
+                self._tie_blocks[j] = self._tie_block(row, equal, ties)
         self.candidates = {}
         self._spans = []
         self.missed.sort()
