@@ -25,23 +25,25 @@ def check_contiguous(x: object, what: str) -> torch.Tensor:
 
 
 def stack_experts(experts: Experts, like: torch.Tensor, what: str = "experts") -> torch.Tensor:
-    """The experts as one contiguous [k, like.numel()] tensor (a view when already stacked), after checking
+    """The experts as one [k, like.numel()] tensor of contiguous rows (a view when already stacked), after checking
     each matches ``like`` in shape, dtype and device.
 
-    A stacked tensor of shape [k, *like.shape] is used as it is (the GPU executor keeps its chunks stacked);
-    a list is stacked (one copy).
+    A stacked tensor of shape [k, *like.shape] is used as it is (the GPU executor keeps its chunks stacked),
+    as a view with its own row stride: each expert must be contiguous, the stack as a whole need not be (a
+    chunk's first rows of a larger buffer); a list is stacked (one copy).
     """
     check_contiguous(like, "base")
     check_dtype(like.dtype, "base")
     if isinstance(experts, torch.Tensor):
-        check_contiguous(experts, what)
+        if experts.dim() >= 1 and experts.shape[0] > 0:
+            check_contiguous(experts[0], f"{what}[0]")  # every expert has the same strides
         if experts.dim() == 0 or tuple(experts.shape[1:]) != tuple(like.shape) or experts.shape[0] == 0:
             raise ValueError(f"{what}: expected a [k, {', '.join(map(str, like.shape))}] stack with k >= 1, "
                              f"got shape {tuple(experts.shape)}")
         if experts.dtype != like.dtype or experts.device != like.device:
             raise ValueError(f"{what}: {experts.dtype} on {experts.device} differs from base: "
                              f"{like.dtype} on {like.device}")
-        return experts.reshape(experts.shape[0], -1)
+        return experts.flatten(1) if experts.dim() > 1 else experts.reshape(experts.shape[0], 1)
     if len(experts) == 0:
         raise ValueError(f"{what}: expected at least one expert")
     for j, x in enumerate(experts):

@@ -63,3 +63,29 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
         lo1 = c2 * m1
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_tile(pid, phase, block0, n, name_hash, BLOCK: tl.constexpr):
+    """The [BLOCK // 4, 4] tile of program ``pid``, aligned to Philox blocks of the tensor's flat index: row =
+    one Philox block (counter block0 + pid * BLOCK / 4 + row), column = its lane; element i = pid * BLOCK -
+    phase + 4 * row + lane of the call, phase = start % 4. Returns (i, mask, c0, c1, c3, lane); the caller adds
+    the model word c2 (one per expert) and draws with ``uniform24``."""
+    ROWS: tl.constexpr = BLOCK // 4
+    row = tl.arange(0, ROWS).to(tl.int64)[:, None]
+    lane = tl.arange(0, 4)[None, :]
+    i = pid.to(tl.int64) * BLOCK - phase.to(tl.int64) + 4 * row + lane
+    mask = (i >= 0) & (i < n)
+    counter = block0.to(tl.int64) + pid.to(tl.int64) * ROWS + row
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c3 = tl.full(c0.shape, 0, tl.uint32) + name_hash.to(tl.uint32)
+    return i, mask, c0, c1, c3, lane
+
+
+@triton.jit
+def uniform24(c0, c1, c2, c3, k0, k1, lane):
+    """float(word >> 8) of each lane's Philox word (24 bits: exact in fp32), as ``pymerge.ops.philox``."""
+    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+    return (word >> 8).to(tl.float32)

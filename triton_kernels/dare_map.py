@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._args import Experts, check_contiguous, check_dtype, f32_finite, per_expert, stack_experts
-from ._common import philox4x32_10, store_rounded
+from ._common import philox_tile, store_rounded, uniform24
 
 BLOCK_SIZE = 1024  # elements per program: 256 Philox blocks of 4 words
 CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
@@ -37,9 +37,7 @@ def _delta(j, x_ptr, x_stride, i, mask, b, w_ptr, scale_ptr, lim_ptr, p_ptr, p_s
     x = tl.load(x_ptr + j * x_stride + i, mask=mask, other=0.0).to(tl.float32)  # upcast right after load
     t = x - b
     c2 = tl.full(c0.shape, 0, tl.uint32) + tl.load(model_ptr + j).to(tl.uint32)
-    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-    word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
-    u = (word >> 8).to(tl.float32)  # 24 bits: exact in fp32
+    u = uniform24(c0, c1, c2, c3, k0, k1, lane)
     if PER_ELEMENT:
         limit = tl.load(p_ptr + j * p_stride + i, mask=mask, other=0.0) * 16777216.0  # exact: times 2^24
     else:
@@ -60,17 +58,8 @@ def _dare_map_kernel(base_ptr, x_ptr, x_stride, w_ptr, scale_ptr, lim_ptr, p_ptr
                      K: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
                      APPLY_LAMBDA: tl.constexpr, PER_ELEMENT: tl.constexpr, BLOCK: tl.constexpr):
     # The tile is aligned to Philox blocks of the tensor's flat index (start + i), so one Philox call gives the
-    # four words of one row: element i = pid * BLOCK - phase + 4 * row + lane, phase = start % 4.
-    ROWS: tl.constexpr = BLOCK // 4
-    pid = tl.program_id(0).to(tl.int64)
-    row = tl.arange(0, ROWS).to(tl.int64)[:, None]
-    lane = tl.arange(0, 4)[None, :]
-    i = pid * BLOCK - phase.to(tl.int64) + 4 * row + lane
-    mask = (i >= 0) & (i < n)
-    counter = block0.to(tl.int64) + pid * ROWS + row
-    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (counter >> 32).to(tl.uint32)
-    c3 = tl.full(c0.shape, 0, tl.uint32) + name_hash.to(tl.uint32)
+    # four words of one row (philox_tile).
+    i, mask, c0, c1, c3, lane = philox_tile(tl.program_id(0), phase, block0, n, name_hash, BLOCK)
     k0 = key0.to(tl.uint32)
     k1 = key1.to(tl.uint32)
     xs = x_stride.to(tl.int64)

@@ -8,6 +8,10 @@ Counts are added to the caller's int64 [k, 65536] histogram, so passes accumulat
 counts as ``native_cpu.radix_hist_hi/lo`` (integer sums: exact whatever the order). Each program counts one
 tile of one expert into an int32 scratch histogram with atomic adds; launches cover at most 2^30 elements, so
 no int32 bin can overflow before it is added into the int64 result.
+
+The scratch holds REPLICAS copies of each expert's histogram and program p adds into copy p % REPLICAS: the
+keys of real deltas crowd into a few hundred hi bins, and with one copy every SM's atomics queued on those few
+addresses (8.5 GB/s on an H100, 2026-11-23, against 719 GB/s for the CUDA kernel's shared-memory histograms).
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from ._common import magnitude_key
 BINS = 1 << 16
 BLOCK_SIZE = 1024
 MAX_LAUNCH_ELEMENTS = 1 << 30
+REPLICAS = 32  # copies of the scratch histogram (module docstring); 8 MiB of int32 per expert
 
 
 @triton.jit(do_not_specialize=["x_stride"])
 def _radix_hist_kernel(x_ptr, x_stride, base_ptr, bins_ptr, hist_ptr, n,
-                       HAS_BASE: tl.constexpr, LO: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_BASE: tl.constexpr, LO: tl.constexpr, BLOCK: tl.constexpr, COPIES: tl.constexpr):
     j = tl.program_id(1)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     t = tl.load(x_ptr + j.to(tl.int64) * x_stride.to(tl.int64) + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BASE:
@@ -42,7 +48,8 @@ def _radix_hist_kernel(x_ptr, x_stride, base_ptr, bins_ptr, hist_ptr, n,
         bucket = key & 0xFFFF
     else:
         bucket = hi
-    tl.atomic_add(hist_ptr + j * 65536 + bucket, tl.full((BLOCK,), 1, tl.int32), mask=mask)
+    copy = (j * COPIES + pid % COPIES).to(tl.int64)
+    tl.atomic_add(hist_ptr + copy * 65536 + bucket, tl.full((BLOCK,), 1, tl.int32), mask=mask)
 
 
 def radix_hist_launch(xs: torch.Tensor, base: Optional[torch.Tensor], hi_bins: Optional[torch.Tensor],
@@ -52,15 +59,18 @@ def radix_hist_launch(xs: torch.Tensor, base: Optional[torch.Tensor], hi_bins: O
     k, n = xs.shape[0], xs.shape[1]
     if n == 0:
         return
-    scratch = torch.zeros(k, BINS, dtype=torch.int32, device=xs.device)
+    copies = min(REPLICAS, triton.cdiv(n, BLOCK_SIZE))  # a small tensor needs no more copies than programs
+    scratch = torch.zeros(k, copies, BINS, dtype=torch.int32, device=xs.device)
     for a in range(0, n, MAX_LAUNCH_ELEMENTS):
         m = min(MAX_LAUNCH_ELEMENTS, n - a)
         if a:
             scratch.zero_()
         _radix_hist_kernel[(triton.cdiv(m, BLOCK_SIZE), k)](
             xs[:, a:], xs.stride(0), xs if base is None else base[a:], scratch if hi_bins is None else hi_bins,
-            scratch, m, HAS_BASE=base is not None, LO=hi_bins is not None, BLOCK=BLOCK_SIZE)
-        hist += scratch
+            scratch, m, HAS_BASE=base is not None, LO=hi_bins is not None, BLOCK=BLOCK_SIZE, COPIES=copies)
+        # int32 sum (a launch counts at most 2^30 elements, so no bin overflows): an int64 sum would first widen
+        # the whole scratch (9.4 MB more device memory for 3 experts, seen over the budget on an H100)
+        hist += scratch.sum(dim=1, dtype=torch.int32)
 
 
 def _prepare(xs: Experts, base: Optional[torch.Tensor], hist: Optional[torch.Tensor]):

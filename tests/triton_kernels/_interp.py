@@ -17,11 +17,8 @@ def load(*names: str):
     """The modules pymerge.triton_kernels.<name>, decorated for this machine (GPU or interpreter)."""
     if not ON_GPU:
         os.environ["TRITON_INTERPRET"] = "1"
-    import triton
-
     common = importlib.import_module("pymerge.triton_kernels._common")
-    interpreted = isinstance(common.to_bf16_rne, triton.runtime.interpreter.InterpretedFunction)
-    reload = not ON_GPU and not interpreted
+    reload = not ON_GPU and not isinstance(common.to_bf16_rne, _interpreted_function())
     if reload:
         common = importlib.reload(common)
     mods = []
@@ -31,12 +28,18 @@ def load(*names: str):
     return mods[0] if len(mods) == 1 else mods
 
 
-def _interpreted_ok(mod) -> bool:
-    import triton
+def _interpreted_function() -> type:
+    # The submodule must be imported by name: `import triton` alone does not bind triton.runtime.interpreter
+    # (seen with triton 3.6 on a GPU machine, where nothing else had imported it).
+    from triton.runtime.interpreter import InterpretedFunction
 
+    return InterpretedFunction
+
+
+def _interpreted_ok(mod) -> bool:
     if ON_GPU:
         return True
-    return all(isinstance(v, triton.runtime.interpreter.InterpretedFunction)
+    return all(isinstance(v, _interpreted_function())
                for k, v in vars(mod).items() if k.startswith("_") and k.endswith("_kernel"))
 
 

@@ -62,6 +62,21 @@ def test_accumulates_over_chunks_and_takes_a_stack():
     assert int(whole.sum()) == 3 * 3001
 
 
+def test_takes_a_stack_with_its_own_row_stride():
+    """The GPU executor hands over a chunk's first rows of a larger buffer: a [k, rows, cols] view whose experts
+    are contiguous but whose stack is not. It is read in place, with the same counts as a contiguous copy."""
+    base, xs = data(37 * 29, 3, torch.bfloat16, seed=5)
+    buf = torch.zeros(3, 41, 29, dtype=torch.bfloat16, device=DEVICE)
+    buf[:, :37] = torch.stack(xs).reshape(3, 37, 29).to(DEVICE)
+    view = buf[:, :37]
+    assert not view.is_contiguous() and view[0].is_contiguous()
+    got = rh.radix_hist_hi(view, base=base.reshape(37, 29).to(DEVICE))
+    want = torch.stack([torch.bincount(kk >> 16, minlength=BINS) for kk in keys_of(xs, base)])
+    assert torch.equal(got.cpu(), want)
+    with pytest.raises(ValueError, match=r"xs\[0\]: expected a contiguous"):
+        rh.radix_hist_hi(buf.transpose(1, 2), base=torch.zeros(29, 41, dtype=torch.bfloat16, device=DEVICE))
+
+
 def test_argument_errors():
     a = torch.randn(5, device=DEVICE)
     with pytest.raises(ValueError, match="hist"):
