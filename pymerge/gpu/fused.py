@@ -88,7 +88,9 @@ class FusedTies(FusedMerge):
         self.keys = [2**31 - 1 if k <= 0 else -1 for k in self.ks]
         self.budgets = [0] * self.k
         self.reduce_passes = 2 if self.todo else 0
-        self.fixed_bytes = self.k * BINS * 8 if self.todo else 0
+        per_element, fixed = kernels.ties_scratch(self.k, n) if self.todo else (0.0, 0)
+        self.scratch_per_element = per_element
+        self.fixed_bytes = self.k * BINS * 8 + fixed if self.todo else 0
         self.hist = None
         self.hi: dict[int, tuple[int, int]] = {}
 

@@ -22,9 +22,18 @@ BINS = 1 << 16
 
 
 class TorchKernels:
-    """The torch twins of the fused kernels (formulas in csrc/include/pymerge/{cpu,cuda}_kernels.h)."""
+    """The torch twins of the fused kernels (formulas in csrc/include/pymerge/{cpu,cuda}_kernels.h).
+
+    A checking tool: their temporaries (whole-chunk fp32 copies, int64 Philox words) are not counted in the
+    GPU budget, except the tie scan's, which the Triton set shares.
+    """
 
     name = "torch"
+
+    def ties_scratch(self, k: int, numel: int) -> tuple[float, int]:
+        """(device bytes per chunk element, fixed bytes) that the TIES reduce and map passes need beyond the
+        chunk buffers and the int64 histograms."""
+        return float(self.TIE_SCAN_BYTES_PER_ELEMENT), 0
 
     @staticmethod
     def _keys(xs: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
@@ -40,17 +49,21 @@ class TorchKernels:
             hist[j] += torch.bincount(keys[(keys >> 16) == int(hi_bins[j])] & 0xFFFF, minlength=BINS)
         return hist
 
+    # Device bytes per chunk element of the tie scan below: base and one expert widened, their difference, its
+    # keys, the equality mask, and at most one int64 index per element.
+    TIE_SCAN_BYTES_PER_ELEMENT = 4 + 4 + 4 + 4 + 1 + 8
+
     def tie_cutoffs(self, base, xs, thresh_keys, tie_budgets):
         n = base.numel()
         cutoffs, left = [], []
-        keys = self._keys(xs, base)
+        b = base.float()
         for j, budget in enumerate(tie_budgets):
             if budget < 0:
                 cutoffs.append(n), left.append(budget)
             elif budget == 0:
                 cutoffs.append(-1), left.append(0)
-            else:
-                ties = torch.nonzero(keys[j] == int(thresh_keys[j])).reshape(-1)
+            else:  # one expert at a time: the scratch is TIE_SCAN_BYTES_PER_ELEMENT, whatever k is
+                ties = torch.nonzero(magnitude_keys(xs[j].float() - b) == int(thresh_keys[j])).reshape(-1)
                 if budget <= ties.numel():
                     cutoffs.append(int(ties[budget - 1])), left.append(0)
                 else:
@@ -143,6 +156,11 @@ class CudaKernels:
             raise BackendUnavailable(f"backend 'cuda' is not available: {reason}")
         self.nc = native_cuda
 
+    def ties_scratch(self, k: int, numel: int) -> tuple[float, int]:
+        """The tie scan's scratch (native_cuda.tie_cutoffs): one int64 count per 8192-element segment and
+        expert, two int64 results per expert, and the allocator's 512-byte rounding."""
+        return 8.0 * k / 8192, 8 * (k + 2 * k) + 512
+
     def radix_hist_hi(self, xs, base, hist):
         return self.nc.radix_hist_hi(list(xs), base=base, hist=hist)
 
@@ -164,7 +182,7 @@ class CudaKernels:
 
 
 class TritonKernels:
-    """pymerge.triton_kernels (the tie scan and keep masks, which have no Triton kernel, use the torch twins)."""
+    """pymerge.triton_kernels (the tie scan, which has no Triton kernel, uses the torch twin)."""
 
     name = "triton"
 
@@ -174,10 +192,16 @@ class TritonKernels:
         reason = triton_unavailable_reason()
         if reason is not None:
             raise BackendUnavailable(f"backend 'triton' is not available: {reason}")
-        from ..triton_kernels import dare_map, radix_hist, ties_map
+        from ..triton_kernels import dare_map, keep_mask, radix_hist, ties_map
 
-        self.dm, self.rh, self.tm = dare_map, radix_hist, ties_map
+        self.dm, self.km, self.rh, self.tm = dare_map, keep_mask, radix_hist, ties_map
         self.twin = TorchKernels()
+
+    def ties_scratch(self, k: int, numel: int) -> tuple[float, int]:
+        """The tie scan's (the torch twin's) per element; fixed: the histograms' int32 scratch copies, their
+        int32 sum and its widening into the int64 histogram."""
+        copies = min(self.rh.REPLICAS, -(-max(numel, 1) // self.rh.BLOCK_SIZE))
+        return float(TorchKernels.TIE_SCAN_BYTES_PER_ELEMENT), k * BINS * (copies * 4 + 4 + 8)
 
     def radix_hist_hi(self, xs, base, hist):
         return self.rh.radix_hist_hi(xs, base=base, hist=hist)
@@ -193,7 +217,7 @@ class TritonKernels:
                                 consensus=consensus, out=out)
 
     def keep_mask(self, seed, model, name, start, count, prob, device):
-        return self.twin.keep_mask(seed, model, name, start, count, prob, device)
+        return self.km.keep_mask(seed, model, name, start, count, prob, device=device)
 
     def dare_map(self, base, xs, weights, *, probs, **kw):
         if any(isinstance(p, torch.Tensor) for p in probs):  # the Triton kernel takes one [k, n] stack

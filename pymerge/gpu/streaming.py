@@ -115,7 +115,7 @@ class StreamingExecutor:
              out_dtype: torch.dtype, merge: FusedMerge) -> ChunkPlan:
         fp = Footprint(name, rows, row_numel, n_inputs, _itemsize(in_dtype), _itemsize(out_dtype),
                        merge.scratch_per_element, merge.fixed_bytes)
-        return plan_chunks(fp, self.budget)
+        return plan_chunks(fp, self.budget, allocator_slack=self.device.type == "cuda")
 
     def merge_tensor(self, name: str, sources: Sequence[torch.Tensor], rows: int, row_numel: int,
                      merge: FusedMerge, out_dtype: torch.dtype,
@@ -178,7 +178,11 @@ class StreamingExecutor:
             for j, v in enumerate(views):
                 stage[j].copy_(v[r0:r1])  # the read from the memory map (a widening copy when dtypes differ)
             with lanes.on(lanes.h2d if lanes.cuda else None):
-                dst[:, r0 - a : r1 - a].copy_(stage, non_blocking=lanes.cuda)
+                # One copy per input: each input's rows are contiguous in dst, the inputs together are not
+                # (dst holds step_rows per input), and a host-to-device copy into a strided destination goes
+                # through a device temporary of the whole piece (65 MiB over the budget, seen on an H100).
+                for j in range(n_in):
+                    dst[j, r0 - a : r1 - a].copy_(stage[j], non_blocking=lanes.cuda)
                 self.stage_in.mark(slot, lanes.h2d if lanes.cuda else None)
             self.stats.bytes_uploaded += stage.numel() * stage.element_size()
         lanes.record(loaded, lanes.h2d if lanes.cuda else None)

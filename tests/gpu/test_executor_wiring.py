@@ -96,11 +96,16 @@ def test_device_cuda_whole_merge_equals_the_cpu_merge(tmp_path, tiny_family, met
     ref = load_file(str(pymerge.merge(cfg, tmp_path / "ref", quiet=True, seed=3, backend="torch").out_dir
                         + "/model.safetensors"))
     torch.cuda.reset_peak_memory_stats()
-    budget = 3 * 65536 * 8 + 24 * 1024
+    # 24 KiB of chunk buffers and scratch (the embedding needs 230-545 KiB at once) plus TIES's fixed bytes
+    # (histograms; the Triton set's scratch copies) for the largest tensor, the 131 x 40 embedding
+    budget = 24 * 1024
+    if method == "ties":  # and the allocator's slack on that allocation of more than 1 MiB (gpu/plan.py)
+        budget += 3 * 65536 * 8 + get_kernels(backend).ties_scratch(3, 131 * 40)[1] + (1 << 20)
     rep = pymerge.merge(cfg, tmp_path / "gpu", quiet=True, seed=3, device="cuda", backend=backend,
                         max_gpu_memory=budget)
     assert rep.device == "cuda" and rep.backend == backend and rep.chunked_tensors > 0
-    assert torch.cuda.max_memory_allocated() <= budget + 2 * (64 << 20) + (8 << 20)  # + staging slack
+    peak = torch.cuda.max_memory_allocated()
+    assert peak <= budget + (1 << 20), f"peak {peak} B for a budget of {budget} B"  # + small launch arguments
     got = load_file(rep.out_dir + "/model.safetensors")
     for name in ref:
         if method.startswith(("dare", "della")):
