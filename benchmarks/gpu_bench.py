@@ -1,7 +1,7 @@
 """GPU benchmark, one command on a machine with a CUDA GPU:  python benchmarks/gpu_bench.py [--n 268435456]
 
 Prints a table: for each fused kernel (CUDA and Triton) the GB/s it moves (bytes read + written) next to a
-device-to-device copy of the same bytes (the kernel's ceiling); then a whole-tensor merge through the streaming
+device-to-device copy's rate counted the same way (the kernel's ceiling); then a whole-tensor merge through the streaming
 executor (host bf16 inputs -> output on the host) next to its floor, a pinned read + H2D of the same inputs.
 Numbers are measured, never estimated; nothing is written to RESULTS.md automatically.
 """
@@ -68,7 +68,8 @@ def kernel_rows(n: int, k: int):
     rows = []
     for (name, backend), (fn, nbytes) in ops.items():
         s = timed(fn)
-        rows.append((name, backend, nbytes / s / 1e9, (in_bytes + out_bytes) / copy_s / 1e9))
+        # the copy reads and writes every byte: its rate counts both, as the kernels' rates do
+        rows.append((name, backend, nbytes / s / 1e9, 2 * (in_bytes + out_bytes) / copy_s / 1e9))
     return rows
 
 
@@ -124,7 +125,7 @@ def main() -> None:
     print(f"{'op':34s} {'backend':8s} {'GB/s':>9s} {'ceiling GB/s':>13s} {'% of ceiling':>13s}")
     for name, backend, gbs, ceiling in kernel_rows(args.n, args.experts):
         print(f"{name:34s} {backend:8s} {gbs:9.1f} {ceiling:13.1f} {100 * gbs / ceiling:12.1f}%")
-    print("ceiling: device-to-device copy of the same bytes")
+    print("GB/s: bytes the kernel reads + writes; ceiling: a device-to-device copy, bytes read + written")
     for name, backend, gbs, ceiling in merge_rows(args.rows, args.cols, args.experts, args.max_gpu_memory):
         print(f"{name:34s} {backend:8s} {gbs:9.1f} {ceiling:13.1f} {100 * gbs / ceiling:12.1f}%")
     print("merge ceiling: pinned read of the host inputs + H2D copy (input GB/s)")

@@ -44,7 +44,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEFAULT_METHODS = ("ties", "dare_ties", "linear", "breadcrumbs_ties", "della")
-TOOLS = ("cpu", "torch", "mergekit")
+TOOLS = ("cpu", "torch", "mergekit", "cuda", "triton", "torch-cuda")
+# A pymerge tool is a (device, backend) pair; the GPU ones run the streaming GPU executor.
+PYMERGE_TOOLS = {"cpu": ("cpu", "cpu"), "torch": ("cpu", "torch"), "cuda": ("cuda", "cuda"),
+                 "triton": ("cuda", "triton"), "torch-cuda": ("cuda", "torch")}
 N_EXPERTS = 3
 
 # Per-expert parameters representative of real configs (mergekit's examples): weight 1, density 0.5 for the
@@ -233,8 +236,20 @@ class Run:
 def native_support(method: str, tool: str) -> Optional[str]:
     """Why pymerge's ``tool`` backend cannot run ``method`` here (None when it can)."""
     from ._native import native_unavailable_reason
-    from .ops.backend import NATIVE_METHODS, backend_built
+    from .errors import PymergeError
+    from .ops.backend import NATIVE_METHODS, backend_built, resolve_backend
 
+    device, backend = PYMERGE_TOOLS[tool]
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        try:
+            resolve_backend(backend, method, device)
+        except PymergeError as e:
+            return str(e)
+        return None
     if tool == "torch":
         return None
     if not backend_built(tool):
@@ -244,13 +259,15 @@ def native_support(method: str, tool: str) -> Optional[str]:
     return None
 
 
-def time_pymerge(cfg_path: Path, out: Path, backend: str, max_memory: Optional[str]) -> tuple[Optional[float], Optional[str]]:
-    """(wall seconds, error) of one in-process ``pymerge.merge`` of the config file."""
+def time_pymerge(cfg_path: Path, out: Path, tool: str, max_memory: Optional[str]) -> tuple[Optional[float], Optional[str]]:
+    """(wall seconds, error) of one in-process ``pymerge.merge`` of the config file with ``tool``'s device and
+    backend."""
     from .api import merge
 
+    device, backend = PYMERGE_TOOLS[tool]
     t0 = time.perf_counter()
     try:
-        merge(cfg_path, out, quiet=True, overwrite=True, max_memory=max_memory, backend=backend)
+        merge(cfg_path, out, quiet=True, overwrite=True, max_memory=max_memory, device=device, backend=backend)
     except Exception as e:  # a failing method is recorded and the others still run
         traceback.print_exc(file=sys.stderr)
         return None, f"{type(e).__name__}: {e}"
@@ -267,11 +284,12 @@ def _rss_anon_kib(pid: int) -> int:
     return 0
 
 
-def time_pymerge_subprocess(cfg_path: Path, out: Path, backend: str, max_memory: Optional[str],
+def time_pymerge_subprocess(cfg_path: Path, out: Path, tool: str, max_memory: Optional[str],
                             log_path: Path) -> tuple[Optional[float], Optional[float], Optional[str]]:
     """(wall seconds, peak RssAnon MiB, error) of ``pymerge run`` in a subprocess, RssAnon sampled every 10 ms."""
+    device, backend = PYMERGE_TOOLS[tool]
     cmd = [sys.executable, "-m", "pymerge.cli", "run", str(cfg_path), str(out), "--overwrite", "-q",
-           "--backend", backend]
+           "--device", device, "--backend", backend]
     if max_memory:
         cmd += ["--max-memory", max_memory]
     peak = 0
@@ -352,7 +370,7 @@ def format_table(runs: List[Run]) -> str:
     """One row per (method, tool): seconds, input GB/s, x floor, and how many times faster than mergekit."""
     mk = {r.method: r.seconds for r in runs if r.tool == "mergekit"}
     rss = any(r.peak_anon_mib is not None for r in runs)
-    head = (f"{'method':<17} {'tool':<14} {'seconds':>9} {'GB/s in':>8} {'x floor':>8} {'x I/O floor':>11} "
+    head = (f"{'method':<17} {'tool':<18} {'seconds':>9} {'GB/s in':>8} {'x floor':>8} {'x I/O floor':>11} "
             f"{'vs mergekit':>11}" + (f" {'peak anon MiB':>13}" if rss else ""))
     lines = [head, "-" * len(head)]
     for r in runs:
@@ -360,7 +378,7 @@ def format_table(runs: List[Run]) -> str:
         if r.tool.startswith("pymerge") and r.seconds and mk.get(r.method):
             speed = mk[r.method] / r.seconds
         gbps = None if r.seconds is None else r.input_bytes / r.seconds / 1e9
-        line = (f"{r.method:<17} {r.tool:<14} {_fmt(r.seconds, '9.2f')} {_fmt(gbps, '8.3f')} "
+        line = (f"{r.method:<17} {r.tool:<18} {_fmt(r.seconds, '9.2f')} {_fmt(gbps, '8.3f')} "
                 f"{_fmt(r.x_floor, '8.2f')} {_fmt(r.x_io_floor, '11.2f')} "
                 f"{_fmt(speed, '10.1f') + ('x' if speed else ' '):>11}")
         if rss:
@@ -495,7 +513,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> List[R
                 if why is not None:
                     runs.append(Run(label, f"pymerge-{tool}", None, in_bytes, floor_s, f"n/a: {why}",
                                     io_floor_seconds=io_s))
-                    echo(f"  {label:<17} pymerge-{tool:<6} n/a ({why})")
+                    echo(f"  {label:<17} pymerge-{tool:<10} n/a ({why})")
                     continue
                 if opts.rss:
                     seconds, peak, err = _best_of(opts.repeat, lambda: time_pymerge_subprocess(
@@ -507,7 +525,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> List[R
                           io_floor_seconds=io_s)
             shutil.rmtree(out, ignore_errors=True)
             runs.append(run)
-            echo(f"  {label:<17} {run.tool:<14} {_fmt(run.seconds, '.2f')} s"
+            echo(f"  {label:<17} {run.tool:<18} {_fmt(run.seconds, '.2f')} s"
                  + (f"  FAILED {run.note}" if run.failed else ""))
 
     echo("")

@@ -26,7 +26,8 @@ def _csv(value: str, known: tuple, what: str) -> list:
 @click.option("--methods", default=",".join(DEFAULT_METHODS),
               show_default=True, help="Comma-separated merge methods.")
 @click.option("--tools", default="cpu,torch,mergekit", show_default=True,
-              help="Comma-separated: cpu (native kernels), torch (pure torch), mergekit.")
+              help="Comma-separated: cpu (native kernels), torch (pure torch), mergekit; on a CUDA GPU also cuda, "
+                   "triton, torch-cuda (the GPU executor with each kernel set).")
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Bench this mergekit-style config instead of a generated family.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
