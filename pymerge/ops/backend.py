@@ -23,8 +23,9 @@ GPU_METHODS = NATIVE_METHODS["cuda"]
 
 
 def resolve_device(device: str | None) -> str:
-    """'cpu' or 'cuda'. 'auto' is the CPU: the GPU engine has not been verified on hardware yet, so it runs
-    only when asked for with ``device='cuda'`` (an error when torch sees no CUDA device)."""
+    """'cpu' or 'cuda'. 'auto' is the CPU: on an H100 host the GPU engine gave the CPU backend's bits but was
+    no faster end to end than its 16 cores (benchmarks/RESULTS.md §14), so it runs only when asked for with
+    ``device='cuda'`` (an error when torch sees no CUDA device)."""
     device = (device or "auto").lower()
     if device not in DEVICES:
         raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
