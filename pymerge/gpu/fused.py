@@ -7,7 +7,8 @@ then the base), so the experts are the contiguous view ``stack[:k]`` and no kern
   della / della_linear        [L1 rescale reduce] -> map (per-row keep probabilities from ranks)
   task_arithmetic             map (keep everything)
 The results equal the torch methods (pymerge/methods/task_arithmetic.py) bit for bit on the torch and native
-backends, except the L1 rescale factors, whose fp64 row sums a GPU may add in another order.
+backends: the L1 rescale sums are taken in the CPU backend's lane order (``kernels.l1_rows``), except with the
+cuda set where Triton is not installed (torch sums on the device, in an order of their own).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from ..methods import TensorJob
-from ..ops.exact_sum import ExactSum, row_sums
+from ..ops.exact_sum import ExactSum
 from ..ops.select import _walk_down, magnitude_keys
 from ..methods.sparsify import RESCALE_EPS
 
@@ -164,10 +165,9 @@ class FusedRandom(FusedMerge):
         for j in range(self.k):
             if self.dense[j]:
                 continue
-            keep = self.kernels.keep_mask(self.job.seed, self.ids[j], self.job.name, chunk.flat_start, base.numel(),
-                                          probs[j], base.device)
-            a = (xs[j].float() - base.float()).abs().reshape(rows, -1)
-            sums = torch.stack([row_sums(a), row_sums(a * keep.reshape(rows, -1))], dim=1)
+            sums = self.kernels.l1_rows(base.reshape(rows, -1), xs[j].reshape(rows, -1), seed=self.job.seed,
+                                        model=self.ids[j], tensor_name=self.job.name, start=chunk.flat_start,
+                                        prob=probs[j])
             self.l1[j].add_rows(sums.cpu())
 
     def end_pass(self, p: int) -> None:

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import BackendUnavailable
+from ..ops.exact_sum import lane_row_sums, row_sums
 from ..ops.philox import keep_mask as torch_keep_mask
 from ..ops.select import magnitude_keys
 
@@ -122,6 +123,12 @@ class TorchKernels:
     def keep_mask(self, seed, model, name, start, count, prob, device):
         return torch_keep_mask(seed, model, name, start, count, prob, device=device)
 
+    def l1_rows(self, base, x, *, seed, model, tensor_name, start, prob):
+        """[rows, 2] fp64 (sum |x - base|, sum |x - base| * keep) per row, in lane_row_sums' order (the CPU
+        backend's); the sums are taken on the host, where cumsum adds in index order."""
+        keep = self.keep_mask(seed, model, tensor_name, start, base.numel(), prob, base.device)
+        return _lane_l1(base, x, keep)
+
     def dare_map(self, base, xs, weights, *, seed, model_ids, tensor_name, probs, scales, start, consensus,
                  normalize, lambda_, out):
         b = base.float()
@@ -155,6 +162,7 @@ class CudaKernels:
         if reason is not None:
             raise BackendUnavailable(f"backend 'cuda' is not available: {reason}")
         self.nc = native_cuda
+        self._triton_l1 = None  # the Triton L1 kernel module, False when Triton is missing (l1_rows)
 
     def ties_scratch(self, k: int, numel: int) -> tuple[float, int]:
         """The tie scan's scratch (native_cuda.tie_cutoffs): one int64 count per 8192-element segment and
@@ -177,6 +185,25 @@ class CudaKernels:
     def keep_mask(self, seed, model, name, start, count, prob, device):
         return self.nc.philox_keep_mask(seed, model, name, start, count, prob, device=device)
 
+    def l1_rows(self, base, x, *, seed, model, tensor_name, start, prob):
+        """The L1 row sums in the CPU backend's order: the Triton kernel where Triton is installed (there is no
+        CUDA C++ one yet), else torch sums on the device, whose order differs (a last-bit difference in a DARE/
+        DELLA rescale factor, now and then)."""
+        if self._triton_l1 is None:
+            from ..triton_kernels import triton_unavailable_reason
+
+            self._triton_l1 = False
+            if triton_unavailable_reason() is None:
+                from ..triton_kernels import l1_rows as triton_l1
+
+                self._triton_l1 = triton_l1
+        if self._triton_l1:
+            return self._triton_l1.l1_rows(base, x, seed=seed, model=model, tensor_name=tensor_name, start=start,
+                                           prob=prob)
+        keep = self.keep_mask(seed, model, tensor_name, start, base.numel(), prob, base.device)
+        a = (x.float() - base.float()).abs()
+        return torch.stack([row_sums(a), row_sums(a * keep.reshape(a.shape))], dim=1)
+
     def dare_map(self, base, xs, weights, *, probs, **kw):
         return self.nc.dare_map(base, list(xs), weights, probs=probs, **kw)
 
@@ -192,9 +219,9 @@ class TritonKernels:
         reason = triton_unavailable_reason()
         if reason is not None:
             raise BackendUnavailable(f"backend 'triton' is not available: {reason}")
-        from ..triton_kernels import dare_map, keep_mask, radix_hist, ties_map
+        from ..triton_kernels import dare_map, keep_mask, l1_rows, radix_hist, ties_map
 
-        self.dm, self.km, self.rh, self.tm = dare_map, keep_mask, radix_hist, ties_map
+        self.dm, self.km, self.l1, self.rh, self.tm = dare_map, keep_mask, l1_rows, radix_hist, ties_map
         self.twin = TorchKernels()
 
     def ties_scratch(self, k: int, numel: int) -> tuple[float, int]:
@@ -219,11 +246,20 @@ class TritonKernels:
     def keep_mask(self, seed, model, name, start, count, prob, device):
         return self.km.keep_mask(seed, model, name, start, count, prob, device=device)
 
+    def l1_rows(self, base, x, *, seed, model, tensor_name, start, prob):
+        return self.l1.l1_rows(base, x, seed=seed, model=model, tensor_name=tensor_name, start=start, prob=prob)
+
     def dare_map(self, base, xs, weights, *, probs, **kw):
         if any(isinstance(p, torch.Tensor) for p in probs):  # the Triton kernel takes one [k, n] stack
             probs = torch.stack([p if isinstance(p, torch.Tensor) else torch.full_like(base, float(p), dtype=torch.float32)
                                  for p in probs])
         return self.dm.dare_map(base, xs, weights, probs=probs, **kw)
+
+
+def _lane_l1(base: torch.Tensor, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    a = (x.float() - base.float()).abs().cpu()
+    kept = a * keep.reshape(a.shape).float().cpu()
+    return torch.stack([lane_row_sums(a), lane_row_sums(kept)], dim=1).to(base.device)
 
 
 def get_kernels(name: str):
