@@ -1,8 +1,8 @@
 """GPU benchmark, one command on a machine with a CUDA GPU:  python benchmarks/gpu_bench.py [--n 268435456]
 
 Prints a table: for each fused kernel (CUDA and Triton) the GB/s it moves (bytes read + written) next to a
-device-to-device copy's rate counted the same way (the kernel's ceiling); then a whole-tensor merge through the streaming
-executor (host bf16 inputs -> output on the host) next to its floor, a pinned read + H2D of the same inputs.
+device-to-device copy's rate counted the same way (the kernel's ceiling); then a whole-tensor merge through the
+streaming executor (host bf16 inputs -> output on the host) next to its floor, a pinned read + H2D of the same inputs.
 Numbers are measured, never estimated; nothing is written to RESULTS.md automatically.
 """
 

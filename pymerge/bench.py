@@ -259,7 +259,8 @@ def native_support(method: str, tool: str) -> Optional[str]:
     return None
 
 
-def time_pymerge(cfg_path: Path, out: Path, tool: str, max_memory: Optional[str]) -> tuple[Optional[float], Optional[str]]:
+def time_pymerge(cfg_path: Path, out: Path, tool: str,
+                 max_memory: Optional[str]) -> tuple[Optional[float], Optional[str]]:
     """(wall seconds, error) of one in-process ``pymerge.merge`` of the config file with ``tool``'s device and
     backend."""
     from .api import merge

@@ -76,3 +76,20 @@ def thresh_tensor(keys: Sequence[int]) -> torch.Tensor:
         if not -1 <= t <= 2**31 - 1:
             raise ValueError(f"thresh_keys[{j}]: must be a magnitude key in [-1, 2^31 - 1], got {t}")
     return torch.tensor(keys, dtype=torch.int32)
+
+
+def keep_limit(prob, count: int, device: torch.device):
+    """(per-element probability tensor or None, scalar limit) of a Philox keep mask over ``count`` elements:
+    ``prob`` a contiguous fp32 tensor of ``count`` probabilities on ``device`` (limit unused, 0), or a float p,
+    whose limit fp32(p) * 2^24 (as philox.keep_mask) is exact in the kernels' fp32 argument: scaling by a power
+    of two."""
+    if isinstance(prob, torch.Tensor):
+        check_contiguous(prob, "prob")
+        if prob.dtype != torch.float32 or prob.numel() != count or prob.device != device:
+            raise ValueError(f"prob: expected {count} float32 probabilities on {device}, got {prob.numel()} "
+                             f"{prob.dtype} on {prob.device}")
+        return prob, 0.0
+    p = float(prob)
+    if p != p:
+        raise ValueError(f"prob: must be a probability, got {p}")
+    return None, float(torch.tensor(p, dtype=torch.float32)) * float(1 << 24)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._args import check_contiguous
+from ._args import keep_limit
 from ._common import philox_tile, uniform24
 
 BLOCK_SIZE = 1024  # elements per program: 256 Philox blocks of 4 words, as the DARE map
@@ -45,23 +45,13 @@ def keep_mask(seed: int, model: int, tensor_name: str, start: int, count: int,
         raise ValueError(f"start and count: must be >= 0, got start={start}, count={count}")
     device = torch.device(device)
     out = torch.empty(count, dtype=torch.bool, device=device)
-    if isinstance(prob, torch.Tensor):
-        check_contiguous(prob, "prob")
-        if prob.dtype != torch.float32 or prob.numel() != count or prob.device != device:
-            raise ValueError(f"prob: expected {count} float32 probabilities on {device}, got {prob.numel()} "
-                             f"{prob.dtype} on {prob.device}")
-        p_tensor, limit = prob, 0.0
-    else:
-        p = float(prob)
-        if p != p:
-            raise ValueError(f"prob: must be a probability, got {p}")
-        # fp32(p) * 2^24, as philox.keep_mask: scaling by a power of two is exact, so the fp32 argument holds it
-        p_tensor, limit = out, float(torch.tensor(p, dtype=torch.float32)) * float(1 << 24)
+    p_tensor, limit = keep_limit(prob, count, device)
     if count == 0:
         return out
     seed = int(seed) & ((1 << 64) - 1)
     phase = start % 4
     _keep_mask_kernel[(triton.cdiv(count + phase, BLOCK_SIZE),)](
-        p_tensor, out.view(torch.uint8), count, phase, start // 4, seed & _MASK32, seed >> 32, int(model) & _MASK32,
-        name_hash(tensor_name) & _MASK32, limit, PER_ELEMENT=isinstance(prob, torch.Tensor), BLOCK=BLOCK_SIZE)
+        out if p_tensor is None else p_tensor, out.view(torch.uint8), count, phase, start // 4, seed & _MASK32,
+        seed >> 32, int(model) & _MASK32, name_hash(tensor_name) & _MASK32, limit, PER_ELEMENT=p_tensor is not None,
+        BLOCK=BLOCK_SIZE)
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._args import check_contiguous, check_dtype
+from ._args import check_contiguous, check_dtype, keep_limit
 from ._common import uniform24
 
 BLOCK_ROWS = 64  # rows per program; each of a row's 8 lanes adds its columns in order, so rows are the parallelism
@@ -94,22 +94,13 @@ def l1_rows(base: torch.Tensor, x: torch.Tensor, *, seed: int, model: int, tenso
         raise ValueError(f"start: must be >= 0, got {start}")
     rows, cols = base.shape
     out = torch.empty(rows, 2, dtype=torch.float64, device=base.device)
-    if isinstance(prob, torch.Tensor):
-        check_contiguous(prob, "prob")
-        if prob.dtype != torch.float32 or prob.numel() != rows * cols or prob.device != base.device:
-            raise ValueError(f"prob: expected {rows * cols} float32 probabilities on {base.device}, got "
-                             f"{prob.numel()} {prob.dtype} on {prob.device}")
-        p_tensor, limit = prob, 0.0
-    else:
-        p = float(prob)
-        if p != p:
-            raise ValueError(f"prob: must be a probability, got {p}")
-        p_tensor, limit = base, float(torch.tensor(p, dtype=torch.float32)) * float(1 << 24)
+    p_tensor, limit = keep_limit(prob, rows * cols, base.device)
     if rows == 0:
         return out
     seed = int(seed) & ((1 << 64) - 1)
     _l1_rows_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
-        base, x, p_tensor, out, rows, cols, start, seed & _MASK32, seed >> 32, int(model) & _MASK32,
-        name_hash(tensor_name) & _MASK32, limit, PER_ELEMENT=isinstance(prob, torch.Tensor), BLOCK_R=BLOCK_ROWS,
+        base, x, base if p_tensor is None else p_tensor, out, rows, cols, start, seed & _MASK32, seed >> 32,
+        int(model) & _MASK32, name_hash(tensor_name) & _MASK32, limit, PER_ELEMENT=p_tensor is not None,
+        BLOCK_R=BLOCK_ROWS,
         enable_fp_fusion=False)
     return out

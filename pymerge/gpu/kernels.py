@@ -251,8 +251,8 @@ class TritonKernels:
 
     def dare_map(self, base, xs, weights, *, probs, **kw):
         if any(isinstance(p, torch.Tensor) for p in probs):  # the Triton kernel takes one [k, n] stack
-            probs = torch.stack([p if isinstance(p, torch.Tensor) else torch.full_like(base, float(p), dtype=torch.float32)
-                                 for p in probs])
+            probs = torch.stack([p if isinstance(p, torch.Tensor)
+                                 else torch.full_like(base, float(p), dtype=torch.float32) for p in probs])
         return self.dm.dare_map(base, xs, weights, probs=probs, **kw)
 
 

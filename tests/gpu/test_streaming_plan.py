@@ -54,7 +54,8 @@ def test_large_allocations_are_counted_with_the_allocator_slack():
     assert f.device_bytes(rows + 1, 2) > budget  # the largest chunk that fits
     bare = plan_chunks(f, budget, allocator_slack=False)  # the CPU "device" of the tests: no allocator slack
     assert bare.rows_per_chunk == (budget - f.fixed_bytes) // f.bytes_per_row(2) > rows
-    assert bare.device_bytes == f.fixed_bytes + bare.rows_per_chunk * 8192 * 16 + int(bare.rows_per_chunk * 8192 * 0.002)
+    r = bare.rows_per_chunk
+    assert bare.device_bytes == f.fixed_bytes + r * 8192 * 16 + int(r * 8192 * 0.002)
 
 
 @pytest.mark.parametrize("seed", range(20))
