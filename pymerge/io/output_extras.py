@@ -33,7 +33,8 @@ def write_config_json(src_config: Path | None, dst_dir: Path, torch_dtype: str) 
     """Copy ``src_config`` into ``dst_dir/config.json`` with its dtype fields set to ``torch_dtype``.
 
     Sets top-level ``torch_dtype`` (always) and ``dtype`` (newer transformers' name, when present), and the
-    ``torch_dtype``/``dtype`` of nested sub-configs (e.g. ``text_config``) that have one. No-op without a source.
+    ``torch_dtype``/``dtype`` of nested sub-configs at any depth (e.g. ``text_config``, or a vision tower's own
+    ``text_config``) that have one. No-op without a source.
     """
     if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
         raise MergeError(f"config torch_dtype {torch_dtype!r} is not a torch dtype name (e.g. 'bfloat16')")
@@ -48,13 +49,23 @@ def write_config_json(src_config: Path | None, dst_dir: Path, torch_dtype: str) 
     config["torch_dtype"] = torch_dtype
     if "dtype" in config:
         config["dtype"] = torch_dtype
-    for value in config.values():
+    _set_nested_dtypes(config, torch_dtype)
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (Path(dst_dir) / "config.json").write_text(text, encoding="utf-8")
+
+
+def _set_nested_dtypes(config: dict, torch_dtype: str) -> None:
+    """The dtype fields a sub-config (a dict value, or a dict in a list, at any depth) already has."""
+    stack = list(config.values())
+    while stack:
+        value = stack.pop()
         if isinstance(value, dict):
             for key in ("torch_dtype", "dtype"):
                 if key in value:
                     value[key] = torch_dtype
-    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-    (Path(dst_dir) / "config.json").write_text(text, encoding="utf-8")
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> list[str]:

@@ -22,7 +22,8 @@ def test_config_dtype_rewritten(tmp_path):
         "hidden_size": 64,
         "torch_dtype": "float32",
         "text_config": {"torch_dtype": "float32", "vocab_size": 10},
-        "vision_config": {"hidden_size": 8},
+        "vision_config": {"hidden_size": 8, "text_config": {"dtype": "float16"}},
+        "sub_configs": [{"torch_dtype": "float32"}, {"layers": 2}],
         "rope_scaling": None,
     }
     src.write_text(json.dumps(cfg))
@@ -33,6 +34,8 @@ def test_config_dtype_rewritten(tmp_path):
     expected = json.loads(json.dumps(cfg))
     expected["torch_dtype"] = "bfloat16"
     expected["text_config"]["torch_dtype"] = "bfloat16"
+    expected["vision_config"]["text_config"]["dtype"] = "bfloat16"  # at any depth
+    expected["sub_configs"][0]["torch_dtype"] = "bfloat16"
     assert out == expected  # "dtype" not added where absent; other sub-configs untouched
 
 
